@@ -1,0 +1,140 @@
+"""Pure functions that turn groups of experts into single experts, and N router rows into K.
+
+All arithmetic is done in fp32 and cast back to the source dtype at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hc_smoe_hub.routing import Activation, Experts, expert_hidden
+
+log = logging.getLogger(__name__)
+
+MERGE_MODES = ("freq", "average", "fix-dom", "dominant")
+ROUTER_MODES = ("fit", "mean", "dominant")
+
+
+def _weights(group: list[int], coeffs: torch.Tensor | None) -> torch.Tensor:
+    w = torch.ones(len(group)) if coeffs is None else coeffs[group].detach().float().cpu()
+    if float(w.sum()) <= 0:
+        w = torch.ones(len(group))  # never-routed cluster: plain mean, never a zero expert
+    return w / w.sum()
+
+
+def most_used(group: list[int], coeffs: torch.Tensor) -> int:
+    """The member with the largest coefficient; ties go to the lowest id."""
+    c = coeffs[group].detach().float().cpu()
+    return group[int(torch.argmax(c))]
+
+
+def weighted_merge(experts: Experts, groups: list[list[int]], coeffs: torch.Tensor | None) -> Experts:
+    """W_g = sum_i c_i W_i / sum_i c_i per group (c = frequencies for `freq`, None for `average`)."""
+    out = []
+    for mat in (experts.gate, experts.up, experts.down):
+        rows = []
+        for g in groups:
+            w = _weights(g, coeffs).to(mat.device)
+            rows.append(torch.einsum("g,g...->...", w, mat[g].float()))
+        out.append(torch.stack(rows).to(mat.dtype))
+    return Experts(*out)
+
+
+def dominant_merge(experts: Experts, groups: list[list[int]], coeffs: torch.Tensor) -> Experts:
+    """Each group is represented by its most-used member, unchanged."""
+    return experts.select([most_used(g, coeffs) for g in groups])
+
+
+def closest_to_centroid(group: list[int], features: torch.Tensor) -> int:
+    f = features[group].float()
+    return group[int(torch.argmin((f - f.mean(0)).norm(dim=-1)))]
+
+
+def fix_dom_merge(
+    experts: Experts, groups: list[list[int]], features: torch.Tensor, x_per_group: list[torch.Tensor],
+    act: Activation,
+) -> Experts:
+    """Neuron-aligned merging (the paper's fix-dom): align each member's neurons to the dominant expert's.
+
+    The dominant member is the one whose feature is closest to the group mean. Neuron b of member j maps to the
+    dominant neuron a with the highest correlation of intermediate activations on the group's tokens; merged
+    neuron a is the mean of the dominant neuron and all neurons mapped to it (gate/up rows and down columns
+    move together).
+    """
+    gates, ups, downs = [], [], []
+    for g, x in zip(groups, x_per_group, strict=True):
+        dom = closest_to_centroid(g, features)
+        gate = experts.gate[dom].float().clone()
+        up = experts.up[dom].float().clone()
+        down = experts.down[dom].float().clone()
+        hits = torch.ones(gate.shape[0], device=gate.device)
+        others = [j for j in g if j != dom]
+        if others:
+            xf = x.float()
+            a_dom = _standardize(expert_hidden(xf, gate, up, act))
+            for j in others:
+                a_j = _standardize(expert_hidden(xf, experts.gate[j].float(), experts.up[j].float(), act))
+                corr = a_dom.T @ a_j / max(xf.shape[0], 1)  # (I_dom, I_j)
+                target = corr.argmax(dim=0)  # dominant neuron for each neuron of j
+                gate.index_add_(0, target, experts.gate[j].float())
+                up.index_add_(0, target, experts.up[j].float())
+                down.index_add_(1, target, experts.down[j].float())
+                hits.index_add_(0, target, torch.ones_like(target, dtype=hits.dtype))
+        gates.append(gate / hits[:, None])
+        ups.append(up / hits[:, None])
+        downs.append(down / hits[None, :])
+    dt = experts.gate.dtype
+    return Experts(torch.stack(gates).to(dt), torch.stack(ups).to(dt), torch.stack(downs).to(dt))
+
+
+def _standardize(a: torch.Tensor) -> torch.Tensor:
+    return (a - a.mean(0)) / a.std(0).clamp(min=1e-6)
+
+
+def router_rows(
+    router: torch.Tensor,
+    groups: list[list[int]],
+    strategy: str,
+    freqs: torch.Tensor,
+    x: torch.Tensor | None = None,
+    fit_steps: int = 60,
+    max_fit_tokens: int = 16384,
+) -> torch.Tensor:
+    """K router rows for K groups.
+
+    `dominant`: the most-used member's row. `mean`: frequency-weighted mean of member rows. `fit`: rows fitted on
+    the calibration tokens so that softmax over the K new logits matches the summed probability of each group's
+    members under the original router (the paper's N-row semantics), by minimizing the cross-entropy, a convex
+    problem, with L-BFGS from the `mean` rows.
+    """
+    if strategy == "dominant":
+        return router[[most_used(g, freqs) for g in groups]].clone()
+    mean = torch.stack([
+        torch.einsum("g,gh->h", _weights(g, freqs).to(router.device), router[g].float()) for g in groups
+    ])
+    if strategy == "mean":
+        return mean.to(router.dtype)
+    if strategy != "fit":
+        raise ValueError(f"router strategy must be one of {ROUTER_MODES}")
+    if x is None:
+        raise ValueError("the fitted router needs the calibration hidden states")
+    if all(len(g) == 1 for g in groups):
+        return router[[g[0] for g in groups]].clone()
+    xs = x[:: max(1, x.shape[0] // max_fit_tokens)].float()
+    with torch.no_grad():
+        probs = torch.softmax(xs @ router.float().T, dim=-1)
+        target = torch.stack([probs[:, g].sum(-1) for g in groups], dim=-1)
+    w = mean.detach().float().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=fit_steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -(target * torch.log_softmax(xs @ w.T, dim=-1)).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach().to(router.dtype)

@@ -1,0 +1,95 @@
+"""Expert-reduction methods: each turns one layer's calibration context into a plan of K experts.
+
+A method is a function `(LayerContext, MethodOptions) -> LayerPlan` registered in `METHODS`; the streaming engine
+calls it once per MoE layer and writes whatever plan it returns, so every method shares the same calibration,
+streaming and output format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hc_smoe_hub.clustering import hierarchical_groups
+from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_rows, weighted_merge
+from hc_smoe_hub.routing import Activation, Experts, Routing, route
+from hc_smoe_hub.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    method: str = "hc-smoe"
+    linkage: str = "average"
+    metric: str = "euclidean"
+    merge: str = "freq"
+    router: str = "fit"
+    paper_frequency: bool = False  # count frequencies over top-2 as the official code does (reproduction only)
+    seed: int = 42
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerContext:
+    """What a method may look at for one MoE layer."""
+
+    layer: int
+    keep: int
+    x: torch.Tensor  # (T, H) the MoE block's input on the calibration tokens (compute dtype)
+    experts: Experts  # source dtype
+    router: torch.Tensor  # (N, H) source dtype
+    routing: Routing
+    act: Activation
+    stats: LayerStats
+
+    def routed_tokens(self, group: list[int], limit: int = 16384) -> torch.Tensor:
+        """Calibration tokens whose top-k includes a member of the group (all tokens if none are)."""
+        _, idx = route(self.stats.router_logits, self.routing)
+        mask = torch.isin(idx, torch.tensor(group, device=idx.device)).any(-1)
+        xs = self.x[mask] if bool(mask.any()) else self.x
+        return xs[:: max(1, xs.shape[0] // limit)]
+
+
+@dataclass
+class LayerPlan:
+    groups: list[list[int]]  # original expert ids behind each new expert, in new-expert order
+    experts: Experts
+    router: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions) -> LayerPlan:
+    """Merge each group into one expert and patch the router, as `opts.merge` and `opts.router` say."""
+    freqs = ctx.stats.frequencies
+    if opts.merge == "freq":
+        experts = weighted_merge(ctx.experts, groups, freqs)
+    elif opts.merge == "average":
+        experts = weighted_merge(ctx.experts, groups, None)
+    elif opts.merge == "dominant":
+        experts = dominant_merge(ctx.experts, groups, freqs)
+    elif opts.merge == "fix-dom":
+        xs = [ctx.routed_tokens(g) for g in groups]
+        experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, xs, ctx.act)
+    else:
+        raise ValueError(f"unknown merge mode {opts.merge}")
+    router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x)
+    return LayerPlan(groups, experts, router)
+
+
+def hc_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
+    """HC-SMoE (arXiv 2410.08589): hierarchical clustering of mean expert outputs, then merging each cluster."""
+    groups = hierarchical_groups(ctx.stats.features, ctx.keep, opts.linkage, opts.metric)
+    return merge_groups(ctx, groups, opts)
+
+
+METHODS: dict[str, Callable[[LayerContext, MethodOptions], LayerPlan]] = {
+    "hc-smoe": hc_smoe,
+}
+
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "hc-smoe": "HC-SMoE: hierarchical clustering of the experts' mean outputs on calibration text, each cluster "
+    "merged into one expert",
+}

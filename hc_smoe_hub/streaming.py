@@ -1,0 +1,290 @@
+"""Layer-by-layer execution over the calibration hidden states; the whole model is never materialized.
+
+The model skeleton is built on the meta device. The calibration blocks are embedded and layer 0's inputs are
+caught by a pre-hook (the model's own forward computes the mask and rotary embeddings, whatever the family).
+Then each decoder layer in turn is loaded from the shards, run over the hidden states (the MoE block's input is
+recorded for the statistics), reduced by the chosen method, written out, optionally re-run with its merged
+experts (sequential calibration), and freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.activations import ACT2FN
+
+from hc_smoe_hub.architectures import ArchSpec
+from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint, dtype_name
+from hc_smoe_hub.errors import SourceError
+from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
+from hc_smoe_hub.routing import Experts, Routing, moe_output
+from hc_smoe_hub.stats import collect
+
+log = logging.getLogger(__name__)
+
+
+class _Caught(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+@dataclass
+class EngineSettings:
+    keep: int
+    options: MethodOptions
+    device: torch.device
+    compute_dtype: torch.dtype
+    sequential: bool = True
+    batch_tokens: int = 8192
+    error_tokens: int = 4096
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    clusters: list[list[int]]
+    frequencies: list[float]
+    output_rel_error: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class StreamingMerger:
+    """Runs one merge from a source checkpoint into a planned writer."""
+
+    def __init__(self, source: SourceCheckpoint, config: dict[str, Any], spec: ArchSpec, src_dir: str,
+                 settings: EngineSettings):
+        self.src, self.config, self.spec, self.s = source, config, spec, settings
+        self.n_experts = spec.num_experts(config)
+        self.hf_config = AutoConfig.from_pretrained(src_dir)
+        self.hf_config._attn_implementation = "sdpa"
+        self.reduced_hf_config = AutoConfig.from_pretrained(src_dir)
+        self.reduced_hf_config._attn_implementation = "sdpa"
+        for k, v in spec.reduced_config(config, settings.keep).items():
+            if k in spec.expert_count_keys or k == spec.top_k_key:
+                setattr(self.reduced_hf_config, k, v)
+        self.routing = Routing(spec.top_k(config), spec.renormalizes(config))
+        self.act = ACT2FN[config.get("hidden_act", "silu")]
+        self.num_layers = int(config["num_hidden_layers"])
+        self.moe_layers = [i for i in range(self.num_layers) if spec.router_key(i) in source]
+        if not self.moe_layers:
+            raise SourceError(f"no router weights ({spec.router_key(0)}) in the checkpoint: is it really "
+                              f"a {spec.family} MoE?")
+        for layer in self.moe_layers:
+            for e in range(self.n_experts):
+                for key in spec.expert_keys(layer, e):
+                    if key not in source:
+                        raise SourceError(f"tensor {key} is missing from the checkpoint: it is incomplete or "
+                                          "not in the standard transformers layout; download it again")
+
+    # ---------- output plan ----------
+    def output_plan(self) -> list[OutputTensor]:
+        keep = self.s.keep
+        dropped = {k for layer in self.moe_layers for e in range(keep, self.n_experts)
+                   for k in self.spec.expert_keys(layer, e)}
+        routers = {self.spec.router_key(layer) for layer in self.moe_layers}
+        plan = []
+        for key in self._ordered_keys():
+            if key in dropped:
+                continue
+            info = self.src.tensors[key]
+            shape = (keep, *info.shape[1:]) if key in routers else info.shape
+            plan.append(OutputTensor(key, info.dtype, shape))
+        return plan
+
+    def _ordered_keys(self) -> list[str]:
+        def order(key: str) -> tuple[int, int, str]:
+            if key.startswith(self.spec.layers_prefix):
+                layer = int(key[len(self.spec.layers_prefix):].split(".", 1)[0])
+                return (1, layer, key)
+            return (0 if "embed" in key else 2, 0, key)
+
+        return sorted(self.src.keys(), key=order)
+
+    # ---------- run ----------
+    def run(self, blocks: torch.Tensor, writer: ShardedWriter,
+            on_layer: Callable[[LayerRecord], None] | None = None) -> list[LayerRecord]:
+        dev = self.s.device
+        for key in self._ordered_keys():
+            if not key.startswith(self.spec.layers_prefix):
+                writer.write_chunks(key, self.src.copy_raw(key))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.hf_config)
+        # The reduced layers must dispatch their experts the way the loaded model would.
+        self.reduced_hf_config._experts_implementation = model.config._experts_implementation
+        rotary = _module(model, self.spec.rotary_module)
+        _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
+        hidden, layer_kwargs = self._embed(model, blocks)
+        layers = _module(model, self.spec.layers_module)
+        records: list[LayerRecord] = []
+        for layer_idx in tqdm(range(self.num_layers), desc="merging layers", unit="layer"):
+            t0 = time.perf_counter()
+            hidden, record = self._process_layer(layers, layer_idx, hidden, layer_kwargs, writer)
+            if record is not None:
+                record.seconds = time.perf_counter() - t0
+                records.append(record)
+                if on_layer:
+                    on_layer(record)
+                log.info("layer %d: %d -> %d experts, routed-output relative error %.4f (%.1fs)", layer_idx,
+                         self.n_experts, self.s.keep, record.output_rel_error, record.seconds)
+        return records
+
+    def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+        dev, cdt = self.s.device, self.s.compute_dtype
+        embed = _module(model, self.spec.embed_module)
+        prefix = self.spec.embed_module + "."
+        state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
+        embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
+        first = _module(model, self.spec.layers_module)[0]
+
+        def catch(_mod, args, kwargs):
+            raise _Caught(args, kwargs)
+
+        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        base = _module(model, self.spec.layers_module.rpartition(".")[0])
+        hidden, kwargs_list = [], []
+        per_batch = max(1, self.s.batch_tokens // blocks.shape[1])
+        try:
+            for s in range(0, blocks.shape[0], per_batch):
+                try:
+                    with torch.no_grad():
+                        base(input_ids=blocks[s : s + per_batch].to(dev), use_cache=False)
+                except _Caught as caught:
+                    args, kwargs = caught.args_, dict(caught.kwargs_)
+                    h = args[0] if args else kwargs.pop("hidden_states")
+                    hidden.append(h.to(cdt))
+                    kwargs_list.append(kwargs)
+        finally:
+            handle.remove()
+            embed.to("meta")
+        return hidden, kwargs_list
+
+    def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor], experts: Experts | None,
+                     router: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """On-disk tensors of one layer -> the decoder layer's in-memory state dict (fused experts)."""
+        spec = self.spec
+        prefix = spec.layer_prefix(layer_idx)
+        moe_disk, moe_mem = spec.moe_disk + ".", spec.moe_module + "."
+        expert_keys = ({k for e in range(self.n_experts) for k in spec.expert_keys(layer_idx, e)}
+                       if experts is not None else set())
+        state = {}
+        for key, value in tensors.items():
+            if key in expert_keys:
+                continue
+            rel = key[len(prefix):]
+            if rel.startswith(moe_disk):
+                rel = moe_mem + rel[len(moe_disk):]
+            state[rel] = value
+        if experts is not None:
+            state[moe_mem + "experts.gate_up_proj"] = torch.cat([experts.gate, experts.up], dim=1)
+            state[moe_mem + "experts.down_proj"] = experts.down
+            state[moe_mem + spec.router] = router
+        return state
+
+    def _run_layer(self, module: nn.Module, state: dict, hidden: list[torch.Tensor], kwargs: list[dict],
+                   capture: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        dev, cdt = self.s.device, self.s.compute_dtype
+        # assign=True adopts the loaded tensors as parameters instead of copying them into a second buffer.
+        module.load_state_dict({k: v.to(dev, cdt) for k, v in state.items()}, strict=True, assign=True)
+        captured: list[torch.Tensor] = []
+        handle = None
+        if capture:
+            moe = module.get_submodule(self.spec.moe_module)
+            handle = moe.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1,
+                                                   args[0].shape[-1])))
+        outs = []
+        try:
+            with torch.no_grad():
+                for h, kw in zip(hidden, kwargs, strict=True):
+                    out = module(h, **kw)
+                    outs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            if handle:
+                handle.remove()
+            module.to("meta")
+        return outs, (torch.cat(captured) if capture else None)
+
+    def _process_layer(self, layers: nn.ModuleList, layer_idx: int, hidden: list[torch.Tensor],
+                       kwargs: list[dict], writer: ShardedWriter) -> tuple[list[torch.Tensor], LayerRecord | None]:
+        spec, dev = self.spec, self.s.device
+        prefix = spec.layer_prefix(layer_idx)
+        keys = [k for k in self.src.keys() if k.startswith(prefix)]
+        tensors = self.src.read(keys, dev)
+        is_moe = layer_idx in self.moe_layers
+        if not is_moe:
+            outs, _ = self._run_layer(layers[layer_idx], self._layer_state(layer_idx, tensors, None, None),
+                                      hidden, kwargs, capture=False)
+            for key in keys:
+                writer.write_chunks(key, self.src.copy_raw(key))
+            return outs, None
+
+        n = self.n_experts
+        per_expert = [spec.expert_keys(layer_idx, e) for e in range(n)]
+        experts = Experts(*(torch.stack([tensors[keys3[j]] for keys3 in per_expert]) for j in range(3)))
+        router = tensors[spec.router_key(layer_idx)]
+        state = self._layer_state(layer_idx, tensors, experts, router)
+        outs, x = self._run_layer(layers[layer_idx], state, hidden, kwargs, capture=True)
+        assert x is not None
+        cdt = self.s.compute_dtype
+        compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
+        freq_top_k = 2 if self.s.options.paper_frequency else None
+        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k)
+        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
+        plan = METHODS[self.s.options.method](ctx, self.s.options)
+        self._check_plan(plan, experts, router)
+        reduced = Routing(min(self.routing.top_k, self.s.keep), self.routing.renormalize)
+        error = self._relative_error(x, compute_experts, router, plan, reduced)
+
+        merged_keys = set(k for keys3 in per_expert for k in keys3) | {spec.router_key(layer_idx)}
+        for key in keys:
+            if key not in merged_keys:
+                writer.write_chunks(key, self.src.copy_raw(key))
+        writer.write(spec.router_key(layer_idx), plan.router.to(router.dtype))
+        for e in range(self.s.keep):
+            for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
+                writer.write(key, mat[e].to(experts.gate.dtype))
+
+        if self.s.sequential:
+            with torch.device("meta"):
+                merged_layer = type(layers[layer_idx])(self.reduced_hf_config, layer_idx)
+            merged_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
+            outs, _ = self._run_layer(merged_layer, merged_state, hidden, kwargs, capture=False)
+        record = LayerRecord(layer_idx, plan.groups, stats.frequencies.cpu().tolist(), error, 0.0, plan.extra)
+        return outs, record
+
+    def _check_plan(self, plan: LayerPlan, experts: Experts, router: torch.Tensor) -> None:
+        k = self.s.keep
+        if len(plan.groups) != k or plan.experts.count != k or plan.router.shape != (k, router.shape[1]):
+            raise RuntimeError(f"method {self.s.options.method} returned a plan of the wrong size")
+        if plan.experts.gate.shape[1:] != experts.gate.shape[1:]:
+            raise RuntimeError("merged experts changed shape")
+
+    def _relative_error(self, x: torch.Tensor, experts: Experts, router: torch.Tensor, plan: LayerPlan,
+                        reduced: Routing) -> float:
+        """Relative error of the routed block output, merged vs original, on a sample of calibration tokens."""
+        xs = x[:: max(1, x.shape[0] // self.s.error_tokens)]
+        ref = moe_output(xs, experts, router, self.routing, self.act)
+        new = moe_output(xs, plan.experts.to(dtype=xs.dtype), plan.router, reduced, self.act)
+        return float((new - ref).norm() / ref.norm().clamp(min=1e-12))
+
+
+def dtype_of_source(source: SourceCheckpoint, spec: ArchSpec, layer: int) -> torch.dtype:
+    name = source.tensors[spec.router_key(layer)].dtype
+    return next(dt for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64) if dtype_name(dt) == name)
