@@ -34,11 +34,8 @@ def hierarchical_groups(
     if k == 1:
         return [list(range(n))]
     data = features.detach().double().cpu().numpy()
-    if metric == "cosine":
-        # Zero features (never-active experts) have no direction: give them distance 1 to everything.
-        dist = np.nan_to_num(pdist(data, "cosine"), nan=1.0)
-    else:
-        dist = pdist(data, "euclidean")
+    # Zero features (never-active experts) have no cosine direction: give them distance 1 to everything.
+    dist = np.nan_to_num(pdist(data, "cosine"), nan=1.0) if metric == "cosine" else pdist(data, "euclidean")
     tree = linkage(dist, method=method)
     labels = cut_tree(tree, n_clusters=k).ravel()
     return labels_to_groups(labels)

@@ -225,7 +225,7 @@ class StreamingMerger:
                        kwargs: list[dict], writer: ShardedWriter) -> tuple[list[torch.Tensor], LayerRecord | None]:
         spec, dev = self.spec, self.s.device
         prefix = spec.layer_prefix(layer_idx)
-        keys = [k for k in self.src.keys() if k.startswith(prefix)]
+        keys = [k for k in self.src.tensors if k.startswith(prefix)]
         tensors = self.src.read(keys, dev)
         is_moe = layer_idx in self.moe_layers
         if not is_moe:

@@ -1,0 +1,171 @@
+"""The pure parts: clustering, merging, router patching, statistics, the shard writer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint, parse_size
+from hc_smoe_hub.clustering import hierarchical_groups
+from hc_smoe_hub.merge import parse_keep
+from hc_smoe_hub.merging import fix_dom_merge, router_rows, weighted_merge
+from hc_smoe_hub.routing import Experts, Routing, moe_output
+from hc_smoe_hub.stats import collect
+
+ACT = torch.nn.functional.silu
+
+
+def naive_agglomerative(points: torch.Tensor, k: int, method: str) -> list[list[int]]:
+    """Textbook agglomerative clustering by brute force, to check the SciPy-based implementation."""
+    clusters = [[i] for i in range(points.shape[0])]
+    d = torch.cdist(points.double(), points.double())
+
+    def dist(a, b):
+        pair = d[a][:, b]
+        if method == "single":
+            return pair.min()
+        if method == "complete":
+            return pair.max()
+        return pair.mean()
+
+    while len(clusters) > k:
+        i, j = min(itertools.combinations(range(len(clusters)), 2),
+                   key=lambda ij: float(dist(clusters[ij[0]], clusters[ij[1]])))
+        clusters[i] = sorted(clusters[i] + clusters[j])
+        del clusters[j]
+    return sorted(clusters, key=lambda c: c[0])
+
+
+@pytest.mark.parametrize("method", ["single", "complete", "average"])
+@pytest.mark.parametrize("seed", range(4))
+def test_linkages_are_the_textbook_definitions(method, seed):
+    pts = torch.randn(12, 5, generator=torch.Generator().manual_seed(seed))
+    for k in (2, 5, 9):
+        assert hierarchical_groups(pts, k, method) == naive_agglomerative(pts, k, method)
+
+
+def test_exactly_k_clusters_even_with_ties():
+    pts = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]])  # every neighbour distance ties
+    for k in range(1, 7):
+        groups = hierarchical_groups(pts, k, "single")
+        assert len(groups) == k and sorted(sum(groups, [])) == list(range(6))
+
+
+def test_cosine_metric_groups_by_direction():
+    pts = torch.tensor([[1.0, 0.0], [10.0, 0.1], [0.0, 1.0], [0.1, 10.0]])
+    assert hierarchical_groups(pts, 2, "average", "cosine") == [[0, 1], [2, 3]]
+    assert hierarchical_groups(pts, 2, "average", "euclidean") != [[0, 1], [2, 3]]
+
+
+def test_ward_requires_euclidean():
+    with pytest.raises(ValueError):
+        hierarchical_groups(torch.randn(4, 2), 2, "ward", "cosine")
+
+
+def random_experts(n=6, inter=8, hidden=4, seed=0) -> Experts:
+    g = torch.Generator().manual_seed(seed)
+    return Experts(torch.randn(n, inter, hidden, generator=g), torch.randn(n, inter, hidden, generator=g),
+                   torch.randn(n, hidden, inter, generator=g))
+
+
+def test_frequency_merge_and_zero_frequency_fallback():
+    ex = random_experts()
+    freqs = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0, 0.0])
+    merged = weighted_merge(ex, [[0, 1], [2], [3, 4, 5]], freqs)
+    assert torch.allclose(merged.gate[0], (2 * ex.gate[0] + ex.gate[1]) / 3, atol=1e-6)
+    assert torch.equal(merged.down[1], ex.down[2])
+    assert torch.allclose(merged.up[2], ex.up[3:6].mean(0), atol=1e-6)  # never routed: plain mean, not zero
+    assert merged.gate.dtype == ex.gate.dtype
+
+
+def test_fix_dom_recovers_a_neuron_permuted_copy():
+    ex = random_experts(n=2, inter=16)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    ex.gate[1], ex.up[1], ex.down[1] = ex.gate[0][perm], ex.up[0][perm], ex.down[0][:, perm]
+    x = torch.randn(512, 4, generator=torch.Generator().manual_seed(2))
+    features = torch.zeros(2, 4)
+    merged = fix_dom_merge(ex, [[0, 1]], features, [x], ACT)
+    assert torch.allclose(merged.gate[0], ex.gate[0], atol=1e-5)
+    assert torch.allclose(merged.down[0], ex.down[0], atol=1e-5)
+    averaged = weighted_merge(ex, [[0, 1]], None)
+    assert not torch.allclose(averaged.gate[0], ex.gate[0], atol=1e-2)
+
+
+def test_fitted_router_matches_grouped_probabilities_best():
+    g = torch.Generator().manual_seed(0)
+    router = torch.randn(6, 8, generator=g)
+    x = torch.randn(2048, 8, generator=g)
+    groups = [[0, 3], [1], [2, 4, 5]]
+    freqs = torch.full((6,), 1 / 6)
+    probs = torch.softmax(x @ router.T, -1)
+    target = torch.stack([probs[:, grp].sum(-1) for grp in groups], -1)
+
+    def xent(rows):
+        return float(-(target * torch.log_softmax(x @ rows.T, -1)).sum(-1).mean())
+
+    fitted = router_rows(router, groups, "fit", freqs, x)
+    assert xent(fitted) < xent(router_rows(router, groups, "mean", freqs)) - 0.01
+    assert xent(fitted) < xent(router_rows(router, groups, "dominant", freqs))
+    assert torch.equal(router_rows(router, [[i] for i in range(6)], "fit", freqs, x), router)
+
+
+def test_stats_use_the_real_top_k_unless_the_paper_switch_is_on():
+    ex = random_experts(n=8)
+    router = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(4))
+    real = collect(x, ex, router, Routing(4, False), ACT)
+    paper = collect(x, ex, router, Routing(4, False), ACT, freq_top_k=2)
+    assert real.counts.sum() == 400 and paper.counts.sum() == 200
+    expected = torch.stack([((ACT(x @ ex.gate[i].T) * (x @ ex.up[i].T)) @ ex.down[i].T).mean(0) for i in range(8)])
+    assert torch.allclose(real.features, expected, atol=1e-5)
+
+
+def test_moe_output_matches_transformers_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    cfg._experts_implementation = "eager"
+    block = MixtralSparseMoeBlock(cfg)
+    torch.nn.init.normal_(block.experts.gate_up_proj)
+    torch.nn.init.normal_(block.experts.down_proj)
+    torch.nn.init.normal_(block.gate.weight)
+    x = torch.randn(1, 10, 8)
+    gu = block.experts.gate_up_proj.detach()
+    ex = Experts(gu[:, :16], gu[:, 16:], block.experts.down_proj.detach())
+    ours = moe_output(x[0], ex, block.gate.weight.detach(), Routing(2, True), torch.nn.functional.silu)
+    with torch.no_grad():
+        assert torch.allclose(ours, block(x)[0], atol=1e-4)
+
+
+def test_keep_parsing():
+    assert parse_keep("45", 60) == 45 and parse_keep("0.75", 60) == 45 and parse_keep(8, 8) == 8
+    for bad in ("0", "61", "1.5", "x", "", "-3"):
+        with pytest.raises(Exception, match="--keep"):
+            parse_keep(bad, 60)
+
+
+def test_writer_round_trip_and_sizes(tmp_path):
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 << 20 and parse_size("123") == 123
+    data = {f"t{i}": torch.randn(10, 3 + i).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)}
+    plan = [OutputTensor(k, "BF16" if v.dtype == torch.bfloat16 else "F32", tuple(v.shape)) for k, v in data.items()]
+    writer = ShardedWriter(tmp_path, plan, max_shard_bytes=300)
+    for k in reversed(list(data)):  # any order
+        writer.write(k, data[k])
+    writer.finish()
+    back = SourceCheckpoint(tmp_path)
+    assert back.keys() and all(torch.equal(back.read([k])[k], v) for k, v in data.items())
+    for f in tmp_path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:  # the safetensors library itself accepts our files
+            assert list(fh.keys())
+
+
+def test_writer_refuses_unwritten_tensors(tmp_path):
+    writer = ShardedWriter(tmp_path, [OutputTensor("a", "F32", (2,))], 100)
+    with pytest.raises(RuntimeError):
+        writer.finish()
+    with pytest.raises(ValueError):
+        writer.write("a", torch.zeros(3))
