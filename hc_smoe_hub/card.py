@@ -1,0 +1,559 @@
+"""Model card of a merged checkpoint: card data + Jinja template (templates/model_card.md.j2) -> README.md.
+
+The front matter is built with huggingface_hub's `ModelCardData` (base model, `base_model_relation: merge`,
+inherited licence, tags, calibration dataset, lm-eval results as `model-index`); the body says in plain words
+what was done, shows original vs merged scores, the cluster map, how to reproduce and how to cite HC-SMoE.
+Numbers only ever come from the inputs: when evaluation was skipped the card says so and shows no table.
+
+    fields = inherit_license(source_dir, out_dir)  # copies LICENSE*, reads the base card's licence
+    write_card(CardInputs(**fields, source_id=..., ...), out_dir)  # README.md (+ eval_comparison.png)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from hc_smoe_hub.errors import HcSmoeError
+from hc_smoe_hub.evaluation import PAPER_TASKS
+
+log = logging.getLogger(__name__)
+
+Results = Mapping[str, Mapping[str, float]]
+
+CARD_NAME = "README.md"
+FIGURE_NAME = "eval_comparison.png"
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+TEMPLATE_NAME = "model_card.md.j2"
+ARXIV_URL = "https://arxiv.org/abs/2410.08589"
+BASE_TAGS = ["moe", "mixture-of-experts", "expert-merging", "hc-smoe"]
+
+# Author list and venue as on arXiv 2410.08589 and the official repository's citation (ICML 2025).
+BIBTEX = """\
+@inproceedings{chen2025hcsmoe,
+  title         = {{Retraining-Free Merging of Sparse MoE via Hierarchical Clustering}},
+  author        = {Chen, I-Chun and Liu, Hsu-Shen and Sun, Wei-Fang and Chao, Chen-Hao and
+                   Hsu, Yen-Chang and Lee, Chun-Yi},
+  booktitle     = {Proceedings of the 42nd International Conference on Machine Learning (ICML)},
+  year          = {2025},
+  eprint        = {2410.08589},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.LG},
+  url           = {https://arxiv.org/abs/2410.08589}
+}"""
+
+# How lm-eval 0.4.13 evaluates the paper's tasks (dataset_path, dataset_name, the split it scores), so the
+# model-index points at the real Hub datasets; other tasks are named by their lm-eval task name.
+TASK_DATASETS: dict[str, tuple[str, str | None, str]] = {
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "boolq": ("aps/super_glue", "boolq", "validation"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+    "mmlu": ("cais/mmlu", "all", "test"),
+    "openbookqa": ("allenai/openbookqa", "main", "test"),
+    "rte": ("nyu-mll/glue", "rte", "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+}
+
+# The calibration module's shorthand for the paper's C4 shard.
+_DATASET_ALIASES = {"c4": "allenai/c4"}
+_LOCAL_SUFFIXES = {".txt", ".json", ".jsonl", ".gz", ".parquet", ".csv"}
+# Metrics shown first in the table, in this order; any other metric follows alphabetically.
+_METRIC_ORDER = ["acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"]
+_MODEL_INDEX_METRICS = ("acc", "acc_norm")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class CardInputs:
+    """Everything the card states. Results are `evaluation.evaluate` dicts, None when eval was skipped."""
+
+    source_id: str
+    source_revision: str | None
+    license: str | None
+    license_file_copied: bool
+    model_family: str  # config.model_type, e.g. "mixtral"
+    method: str  # e.g. "hc-smoe"
+    settings: dict[str, Any]  # every setting of the run: keep, linkage, metric, merge, router, calibration...
+    experts_before: int
+    experts_after: int
+    top_k_before: int
+    top_k_after: int
+    params_before: int
+    params_after: int
+    disk_bytes_before: int
+    disk_bytes_after: int
+    # Per MoE layer, the original expert ids merged into each new expert; a dict keys them by decoder layer
+    # index (models with dense layers), a list numbers MoE layers from 0.
+    clusters: list[list[list[int]]] | dict[int, list[list[int]]]
+    results_before: dict[str, dict[str, float]] | None
+    results_after: dict[str, dict[str, float]] | None
+    eval_settings: dict[str, Any] | None  # tasks, num_fewshot, limit (lm_eval_version when known)
+    command: str
+    tool_version: str
+    hardware: str
+    timings: dict[str, float]  # stage -> seconds
+    repo_id: str
+    calibration_dataset: str  # Hub dataset id, "c4", or a local file name
+    created_at: str = field(default_factory=_now)
+    method_description: str = ""  # plain words; generated from method + settings when empty
+    license_name: str | None = None  # from the base card, used with license "other"
+    license_link: str | None = None
+    license_file_name: str = "LICENSE"  # name of the copied licence file in the output folder
+
+
+# --------------------------------------------------------------------------------------------------- licence
+
+
+def _source_card_metadata(src_dir: Path) -> dict[str, Any]:
+    readme = Path(src_dir) / CARD_NAME
+    if not readme.is_file():
+        return {}
+    try:
+        # A local path: parsed here, no network.
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        log.warning("Could not read the front matter of %s (%s); the licence is unknown", readme, exc)
+        return {}
+    return {key: data.get(key) for key in ("license", "license_name", "license_link")}
+
+
+def _license_file(src_dir: Path) -> Path | None:
+    if not Path(src_dir).is_dir():
+        return None
+    candidates = [p for p in Path(src_dir).iterdir()
+                  if p.is_file() and p.name.lower().startswith(("license", "licence"))]
+    candidates.sort(key=lambda p: (p.name != "LICENSE", p.name))  # the conventional name first
+    return candidates[0] if candidates else None
+
+
+def license_from_source(src_dir: Path) -> tuple[str | None, Path | None]:
+    """The base card's licence id and its LICENSE* file (whenever one exists, not only for "other")."""
+    license_id = _source_card_metadata(src_dir).get("license")
+    if isinstance(license_id, list):  # a few cards list several; the Hub shows the first
+        license_id = license_id[0] if license_id else None
+    path = _license_file(src_dir)
+    if license_id == "other" and path is None:
+        log.warning("The base model's licence is 'other' but it ships no LICENSE file; see its page")
+    return (str(license_id) if license_id else None), path
+
+
+def inherit_license(src_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Copy the base model's licence file next to the merged checkpoint; return the CardInputs licence fields.
+
+    The file is copied whatever the licence: licences such as Apache-2.0 ask that a copy go with derived
+    works, and "other" licences only exist in that file.
+    """
+    license_id, path = license_from_source(src_dir)
+    meta = _source_card_metadata(src_dir)
+    copied = False
+    name = "LICENSE"
+    if path is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out_dir / path.name)
+        copied, name = True, path.name
+    return {
+        "license": license_id,
+        "license_file_copied": copied,
+        "license_file_name": name,
+        "license_name": meta.get("license_name"),
+        "license_link": meta.get("license_link"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """The Hub id of a calibration source, or None for a local file."""
+    name = _DATASET_ALIASES.get(name, name)
+    path = Path(name)
+    if path.exists() or path.suffix.lower() in _LOCAL_SUFFIXES or name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _short_count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _count(n: int) -> str:
+    return f"{_short_count(n)} ({n:,})"
+
+
+def _bytes(n: int) -> str:
+    # Decimal units, as the Hub shows file sizes.
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _relative(before: float, after: float) -> str:
+    return f"{(after - before) / before * 100:+.1f}%" if before else "n/a"
+
+
+def format_value(value: float | None, signed: bool = False) -> str:
+    """Scores with 4 decimals; huge values (random-model perplexities) in scientific notation."""
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    spec = "+" if signed else ""
+    return f"{value:{spec}.3e}" if abs(value) >= 1e5 else f"{value:{spec}.4f}"
+
+
+def _cell(metrics: Mapping[str, float] | None, metric: str) -> str:
+    if not metrics or metric not in metrics:
+        return "n/a"
+    text = format_value(metrics[metric])
+    stderr = metrics.get(f"{metric}_stderr")
+    if stderr is not None and math.isfinite(stderr):
+        text += f" ± {format_value(stderr)}"
+    return text
+
+
+def _change(before: Mapping[str, float] | None, after: Mapping[str, float] | None, metric: str) -> str:
+    if not before or not after or metric not in before or metric not in after:
+        return "n/a"
+    return format_value(after[metric] - before[metric], signed=True)
+
+
+def _metrics_of(*tables: Mapping[str, float] | None) -> list[str]:
+    names = {m for table in tables if table for m in table if "_stderr" not in m}
+    return [m for m in _METRIC_ORDER if m in names] + sorted(names - set(_METRIC_ORDER))
+
+
+def _task_order(before: Results | None, after: Results | None) -> list[str]:
+    tasks = list(after or {})
+    return tasks + [t for t in (before or {}) if t not in tasks]
+
+
+def eval_rows(before: Results | None, after: Results | None) -> list[dict[str, str]]:
+    """One table row per (task, metric): original, merged, change (merged minus original)."""
+    rows = []
+    for task in _task_order(before, after):
+        b, a = (before or {}).get(task), (after or {}).get(task)
+        for metric in _metrics_of(b, a):
+            rows.append({"task": task, "metric": metric, "before": _cell(b, metric),
+                         "after": _cell(a, metric), "change": _change(b, a, metric)})
+    return rows
+
+
+def _mean_acc(results: Results | None, tasks: Sequence[str]) -> float | None:
+    accs = [results[t]["acc"] for t in tasks if results and t in results and "acc" in results[t]]
+    return sum(accs) / len(accs) if accs else None
+
+
+def headline_row(before: Results | None, after: Results | None) -> dict[str, Any] | None:
+    """Mean acc on both sides over the same tasks, so the two means compare like with like."""
+    with_acc = [t for t in _task_order(before, after)
+                if all(r is None or "acc" in r.get(t, {}) for r in (before, after))]
+    if not with_acc:
+        return None
+    mb, ma = _mean_acc(before, with_acc), _mean_acc(after, with_acc)
+    if mb is None and ma is None:
+        return None
+    change = format_value(ma - mb, signed=True) if mb is not None and ma is not None else "n/a"
+    return {"count": len(with_acc), "before": format_value(mb), "after": format_value(ma), "change": change}
+
+
+def _acc_tasks(before: Results | None, after: Results | None) -> list[str]:
+    return [t for t in _task_order(before, after)
+            if any(r and "acc" in r.get(t, {}) for r in (before, after))]
+
+
+def _md(value: Any) -> str:
+    """A value for a Markdown table cell."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _cluster_rows(clusters: list[list[list[int]]] | dict[int, list[list[int]]]) -> list[tuple[int, str]]:
+    items = sorted(clusters.items()) if isinstance(clusters, dict) else list(enumerate(clusters))
+    return [(layer, " · ".join(f"{j} ← [{', '.join(str(e) for e in sorted(group))}]"
+                               for j, group in enumerate(groups)))
+            for layer, groups in items]
+
+
+def _method_description(inputs: CardInputs) -> str:
+    if inputs.method_description:
+        return inputs.method_description
+    s = inputs.settings
+    if inputs.method == "hc-smoe":
+        linkage, metric = s.get("linkage", "average"), s.get("metric", "euclidean")
+        merge, router = s.get("merge", "freq"), s.get("router", "n/a")
+        return (f"hierarchical clustering ({linkage} linkage, {metric} distance) of the experts' average "
+                f"outputs on the calibration tokens, then `{merge}` merging of each cluster into one expert; "
+                f"router rows: `{router}`.")
+    return f"the `{inputs.method}` expert reduction (every setting is listed below)."
+
+
+def _calibration(inputs: CardInputs) -> str:
+    hub_id = hub_dataset_id(inputs.calibration_dataset)
+    link = f"https://huggingface.co/datasets/{hub_id}"
+    name = f"[{hub_id}]({link})" if hub_id else f"`{inputs.calibration_dataset}`"
+    if inputs.calibration_dataset in _DATASET_ALIASES:
+        name += " (the HC-SMoE paper's C4 shard)"
+    s = inputs.settings
+    if "num_samples" in s and "seq_len" in s:
+        name += f", {s['num_samples']} sequences of {s['seq_len']} tokens"
+    if "seed" in s:
+        name += f" (seed {s['seed']})"
+    return name
+
+
+def _eval_description(eval_settings: Mapping[str, Any] | None) -> tuple[str, str | None]:
+    if not eval_settings:
+        return "(the evaluation settings were not recorded).", None
+    shots = eval_settings.get("num_fewshot", eval_settings.get("fewshot", 0))
+    parts = [f"{shots}-shot"]
+    if eval_settings.get("lm_eval_version"):
+        parts.append(f"lm-eval {eval_settings['lm_eval_version']}")
+    limit = eval_settings.get("limit")
+    parts.append(f"at most {limit} documents per task" if limit else "every document of each task")
+    note = None
+    if limit:
+        note = (f"**Subset only:** each task was scored on at most {limit} documents (`--limit`), so these "
+                "numbers are estimates and not comparable with full-set results such as the paper's.")
+    return ", ".join(parts) + ".", note
+
+
+def _license_text(inputs: CardInputs) -> str:
+    base = f"[{inputs.source_id}](https://huggingface.co/{inputs.source_id})"
+    if not inputs.license:
+        return (f"The card of {base} states no licence. Check the base model's terms before using or sharing "
+                "this model.")
+    text = f"This model is derived from {base} and carries its licence, `{inputs.license}`"
+    if inputs.license_name:
+        text += f" ({inputs.license_name})"
+    if inputs.license_file_copied:
+        name = inputs.license_file_name
+        text += f"; the base model's licence file is included as [{name}]({name})"
+    elif inputs.license == "other":
+        text += "; the base model ships no licence file, see its page for the terms"
+    return text + "."
+
+
+def _license_link(inputs: CardInputs) -> str | None:
+    link = inputs.license_link
+    if link and not re.match(r"^https?://", link):
+        relative = link.removeprefix("./")
+        if inputs.license_file_copied and relative == inputs.license_file_name:
+            return relative
+        # A relative link of the base card points into the base repository, where that file still is.
+        return f"https://huggingface.co/{inputs.source_id}/blob/{inputs.source_revision or 'main'}/{relative}"
+    if not link and inputs.license == "other" and inputs.license_file_copied:
+        return inputs.license_file_name
+    return link
+
+
+# ------------------------------------------------------------------------------------------------- card data
+
+
+def _tag(text: str) -> str:
+    # Model types keep their underscores ("qwen2_moe"), as the Hub's own architecture tags do.
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-")
+
+
+def _eval_results(inputs: CardInputs) -> list[EvalResult]:
+    """Merged-model acc / acc_norm per task, rounded to 4 decimals as shown in the body."""
+    shots = (inputs.eval_settings or {}).get("num_fewshot", (inputs.eval_settings or {}).get("fewshot"))
+    out = []
+    for task, metrics in (inputs.results_after or {}).items():
+        dataset, config, split = TASK_DATASETS.get(task, (task, None, None))
+        for metric in _MODEL_INDEX_METRICS:
+            value = metrics.get(metric)
+            if value is None or not math.isfinite(value):
+                continue
+            out.append(EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                dataset_type=dataset,
+                dataset_name=task,
+                dataset_config=config,
+                dataset_split=split,
+                dataset_args={"num_few_shot": shots} if shots is not None else None,
+                metric_type=metric,
+                metric_name=f"{metric} ({shots}-shot)" if shots is not None else metric,
+                metric_value=round(value, 4),
+            ))
+    return out
+
+
+def card_data(inputs: CardInputs) -> ModelCardData:
+    """The front matter: what the Hub indexes (base model relation, licence, tags, datasets, model-index)."""
+    hub_id = hub_dataset_id(inputs.calibration_dataset)
+    results = _eval_results(inputs)
+    return ModelCardData(
+        base_model=inputs.source_id,
+        base_model_relation="merge",
+        license=inputs.license,
+        license_name=inputs.license_name,
+        license_link=_license_link(inputs),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[*BASE_TAGS, _tag(inputs.model_family), _tag(inputs.method)],
+        datasets=[hub_id] if hub_id else None,
+        eval_results=results or None,
+        model_name=inputs.repo_id.split("/")[-1],
+    )
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        autoescape=False,  # Markdown, not HTML
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt variable fails the render instead of vanishing
+    )
+    return env.get_template(TEMPLATE_NAME)
+
+
+def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
+    """The README.md text. `with_figure` (default: whenever a task has acc) links eval_comparison.png."""
+    before, after = inputs.results_before or None, inputs.results_after or None
+    has_results = bool(before or after)
+    if with_figure is None:
+        with_figure = bool(_acc_tasks(before, after))
+    description, limit_note = _eval_description(inputs.eval_settings)
+    timings = [(stage, _duration(sec)) for stage, sec in inputs.timings.items()]
+    tasks = (inputs.eval_settings or {}).get("tasks") or PAPER_TASKS
+    text = _template().render(
+        card_data=card_data(inputs).to_yaml(),
+        model_name=inputs.repo_id.split("/")[-1],
+        repo_id=inputs.repo_id,
+        source_id=inputs.source_id,
+        source_url=f"https://huggingface.co/{inputs.source_id}",
+        source_revision=inputs.source_revision,
+        model_family=inputs.model_family,
+        arxiv_url=ARXIV_URL,
+        method=inputs.method,
+        is_hc_smoe=inputs.method == "hc-smoe",
+        method_description=_method_description(inputs),
+        experts_before=inputs.experts_before,
+        experts_after=inputs.experts_after,
+        top_k_before=inputs.top_k_before,
+        top_k_after=inputs.top_k_after,
+        top_k_changed=inputs.top_k_after != inputs.top_k_before,
+        params_before=_count(inputs.params_before),
+        params_after=_count(inputs.params_after),
+        params_change=_relative(inputs.params_before, inputs.params_after),
+        disk_before=_bytes(inputs.disk_bytes_before),
+        disk_after=_bytes(inputs.disk_bytes_after),
+        disk_change=_relative(inputs.disk_bytes_before, inputs.disk_bytes_after),
+        calibration=_calibration(inputs),
+        settings=[(_md(k), f"`{_md(v)}`") for k, v in inputs.settings.items()],
+        has_results=has_results,
+        eval_description=description,
+        limit_note=limit_note,
+        eval_rows=eval_rows(before, after) if has_results else [],
+        headline_row=headline_row(before, after) if has_results else None,
+        figure=FIGURE_NAME if has_results and with_figure else None,
+        suggested_tasks=",".join(tasks),
+        clusters=_cluster_rows(inputs.clusters),
+        command=inputs.command,
+        tool_version=inputs.tool_version,
+        hardware=inputs.hardware,
+        created_at=inputs.created_at,
+        timings=timings,
+        total_time=_duration(sum(inputs.timings.values())),
+        license_text=_license_text(inputs),
+        bibtex=BIBTEX,
+    )
+    ModelCard(text)  # parses the front matter back; raises on a card the Hub could not read
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------- files
+
+
+def write_eval_figure(results_before: Results | None, results_after: Results | None, path: Path) -> None:
+    """Grouped bar chart of acc per task, original vs merged (PNG)."""
+    try:
+        # The object API renders with Agg without touching pyplot's global state (safe in a Space's threads).
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as exc:
+        raise HcSmoeError("matplotlib is not installed: pip install 'hc-smoe-hub[eval]'") from exc
+    tasks = _acc_tasks(results_before, results_after)
+    if not tasks:
+        raise ValueError("no task reports acc: nothing to plot")
+    series = [(label, {t: results[t]["acc"] for t in tasks if "acc" in results.get(t, {})}, color)
+              for label, results, color in
+              (("original", results_before, "#9aa5b1"), ("merged", results_after, "#e8833a")) if results]
+    # The headline mean, over the tasks both sides report, as in the card's table.
+    common = [t for t in tasks if all(t in values for _, values, _ in series)]
+    labels = list(tasks)
+    if len(common) > 1:
+        labels.append(f"mean ({len(common)})")
+        for _, values, _ in series:
+            values[labels[-1]] = sum(values[t] for t in common) / len(common)
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(labels) + 2), 4.0), dpi=120)
+    ax = fig.add_subplot()
+    for i, (label, values, color) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        present = [(k, values[t]) for k, t in enumerate(labels) if t in values]
+        xs, ys = [k + offset for k, _ in present], [y for _, y in present]
+        bars = ax.bar(xs, ys, width=width, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{y:.3f}" for y in ys], fontsize=7, padding=2)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1.2)  # room above the tallest bar for its label and the legend
+    ax.set_ylabel("acc")
+    ax.set_title("lm-eval accuracy per task")
+    ax.legend(loc="upper right", fontsize=8, ncol=len(series))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def write_card(inputs: CardInputs, out_dir: Path) -> Path:
+    """Write README.md (and eval_comparison.png when a task reports acc) into `out_dir`; return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with_figure = bool(_acc_tasks(inputs.results_before or None, inputs.results_after or None))
+    if with_figure:
+        try:
+            write_eval_figure(inputs.results_before, inputs.results_after, out_dir / FIGURE_NAME)
+        except HcSmoeError as exc:
+            # A card without the chart is still a complete card: the table carries the numbers.
+            log.warning("No evaluation figure: %s", exc)
+            with_figure = False
+    readme = out_dir / CARD_NAME
+    readme.write_text(render_card(inputs, with_figure=with_figure), encoding="utf-8")
+    log.info("Wrote the model card %s", readme)
+    return readme

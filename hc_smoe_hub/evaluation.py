@@ -1,0 +1,319 @@
+"""lm-eval wrapper: score a loaded model on lm-eval tasks, in process, and cache the original model's scores.
+
+This is the only module that imports `lm_eval`; it does so inside functions, so the rest of the package works
+without the `eval` extra. Results come back as `{task: {metric: value}}`, e.g.
+`{"arc_easy": {"acc": 0.74, "acc_stderr": 0.009, "acc_norm": 0.70, "acc_norm_stderr": 0.009}}`, with lm-eval's
+`"metric,none"` keys flattened to `"metric"` (other filters keep their `"metric,filter"` key).
+
+    settings = EvalSettings(tasks=PAPER_TASKS, limit=100)
+    results = evaluate(model, tokenizer, settings)
+    print(headline(results))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import logging
+import numbers
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hc_smoe_hub.errors import HcSmoeError
+
+log = logging.getLogger(__name__)
+
+# The eight zero-shot tasks of the HC-SMoE paper's headline table (metric `acc`, plain mean).
+PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "rte", "winogrande"]
+
+Results = dict[str, dict[str, float]]
+
+_INSTALL_HINT = "lm-eval is not installed: pip install 'hc-smoe-hub[eval]'"
+_CACHE_FORMAT = 1
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how; `key()` identifies the measurement for caching."""
+
+    tasks: list[str]
+    num_fewshot: int = 0
+    batch_size: int | str = 8
+    limit: int | float | None = None
+    include_path: str | None = None
+    device: str = "cpu"
+
+    def key(self) -> str:
+        """A stable hash of what is measured.
+
+        Batch size and device change speed, not what is measured, so they stay out of the key and a score
+        cached on one machine serves another. The include path enters by the content of its files, not by its
+        location, so moving the task folder (site-packages vs. a checkout) keeps the key and editing a task
+        changes it.
+        """
+        payload = {
+            "tasks": sorted(self.tasks),
+            "num_fewshot": self.num_fewshot,
+            "limit": self.limit,
+            "include": _tree_digest(Path(self.include_path)) if self.include_path else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tree_digest(root: Path) -> str:
+    """Hash of every regular file under `root` (relative name + bytes), or of the missing path itself."""
+    digest = hashlib.sha256()
+    if not root.is_dir():
+        digest.update(f"missing:{root}".encode())
+        return digest.hexdigest()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if "__pycache__" in rel.parts or any(part.startswith(".") for part in rel.parts):
+            continue
+        digest.update(rel.as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _import_lm_eval() -> tuple[Any, Any, Any]:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] != "lm_eval":
+            # lm-eval itself is there but its Hugging Face backend lacks a dependency (e.g. accelerate).
+            raise HcSmoeError(f"lm-eval cannot run: missing package {exc.name!r}: "
+                              "pip install 'hc-smoe-hub[eval]'") from exc
+        raise HcSmoeError(_INSTALL_HINT) from exc
+    return lm_eval, HFLM, TaskManager
+
+
+def _task_manager(task_manager_cls: Any, settings: EvalSettings) -> Any:
+    """Index only the local tasks when they cover the request (indexing lm-eval's built-ins takes seconds)."""
+    if settings.include_path:
+        path = Path(settings.include_path)
+        if not path.is_dir():
+            raise HcSmoeError(f"task folder {path} does not exist: check the include path")
+        local = task_manager_cls(include_path=str(path), include_defaults=False)
+        if all(name in local.all_tasks for name in settings.tasks):
+            manager = local
+        else:
+            log.info("Not every task is in %s; adding lm-eval's built-in tasks", path)
+            manager = task_manager_cls(include_path=str(path), include_defaults=True)
+    else:
+        manager = task_manager_cls()
+    unknown = [name for name in settings.tasks if name not in manager.all_tasks]
+    if unknown:
+        where = f" in {settings.include_path} or" if settings.include_path else ""
+        raise HcSmoeError(f"unknown lm-eval task(s): {', '.join(unknown)} (not found{where} among lm-eval's "
+                          "tasks; list them with `lm-eval ls tasks`)")
+    return manager
+
+
+def _place(model: Any, device: str) -> None:
+    """Move the model to the requested device unless accelerate has already dispatched it."""
+    if getattr(model, "hf_device_map", None):
+        return
+    import torch
+
+    target = torch.device(device)
+    current = next(model.parameters()).device
+    if current.type != target.type or (target.index is not None and current.index != target.index):
+        log.info("Moving the model from %s to %s for evaluation", current, target)
+        model.to(target)
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """simple_evaluate reseeds the global RNGs; restore them so later steps do not depend on evaluating."""
+    import numpy as np
+    import torch
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda_live else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _numeric_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
+    """Keep every numeric `metric,filter` value; lm-eval writes "N/A" for stderrs it cannot compute."""
+    metrics: dict[str, float] = {}
+    for key, value in entry.items():
+        if "," not in key or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        metric, filter_name = key.split(",", 1)
+        metrics[metric if filter_name == "none" else key] = float(value)
+    return metrics
+
+
+def _flatten(raw: Mapping[str, Any], requested: Sequence[str], manager: Any) -> Results:
+    """One entry per requested name: a task's own scores, a group's aggregate, a tag's member tasks."""
+    table: Mapping[str, Mapping[str, Any]] = raw["results"]
+    results: Results = {}
+    for name in requested:
+        if name in table:
+            results[name] = _numeric_metrics(table[name])
+            continue
+        # A tag (e.g. ai2_arc) has no row of its own; its member tasks do.
+        entry = manager.task_index.get(name)
+        members = sorted(m for m in (entry.tags if entry is not None else ()) if m in table)
+        if not members:
+            log.warning("lm-eval returned no scores for %s", name)
+        for member in members:
+            results[member] = _numeric_metrics(table[member])
+    return results
+
+
+def evaluate(model: Any, tokenizer: Any, settings: EvalSettings) -> Results:
+    """Score a loaded causal LM on `settings.tasks` with lm-eval, in process: `{task: {metric: value}}`."""
+    if not settings.tasks:
+        raise HcSmoeError("no evaluation tasks given: name at least one lm-eval task")
+    lm_eval, hflm_cls, task_manager_cls = _import_lm_eval()
+    manager = _task_manager(task_manager_cls, settings)
+    _place(model, settings.device)
+    # HFLM sets a pad token on the tokenizer it is given; a copy keeps the caller's tokenizer (which may be
+    # saved next to the merged checkpoint) exactly as the source shipped it.
+    tokenizer = copy.deepcopy(tokenizer)
+    was_training = model.training
+    model.eval()
+    log.info("Evaluating on %s (%d-shot, limit %s, batch size %s)", ", ".join(settings.tasks),
+             settings.num_fewshot, settings.limit, settings.batch_size)
+    try:
+        lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+        with _preserved_rng():
+            raw = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(settings.tasks),
+                num_fewshot=settings.num_fewshot,
+                limit=settings.limit,
+                task_manager=manager,
+                log_samples=False,
+            )
+    finally:
+        model.train(was_training)
+    if raw is None:  # only non-zero ranks of a distributed launch get None; we always run single-process
+        raise RuntimeError("lm-eval returned no results")
+    results = _flatten(raw, settings.tasks, manager)
+    for task, metrics in results.items():
+        shown = {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_stderr")}
+        log.info("  %s: %s", task, shown)
+    return results
+
+
+def headline(results: Mapping[str, Mapping[str, float]] | None) -> float | None:
+    """The paper's headline: plain mean of `acc` over the tasks that report it (None when none does)."""
+    if not results:
+        return None
+    accs = [metrics["acc"] for metrics in results.values() if "acc" in metrics]
+    return sum(accs) / len(accs) if accs else None
+
+
+def lm_eval_version() -> str:
+    """The installed lm-eval version (for the card and the cache key), "unknown" when it is not installed."""
+    try:
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def cache_path(cache_dir: Path, identity: Mapping[str, Any], settings: EvalSettings) -> Path:
+    """Where the scores of `identity` (source id, revision, dtype...) under `settings` are cached."""
+    # lm-eval's version is part of the key: task definitions and prompts change between releases.
+    payload = json.dumps({"identity": identity, "settings": settings.key(), "lm_eval": lm_eval_version()},
+                         sort_keys=True, default=str)
+    return Path(cache_dir) / f"eval-{hashlib.sha256(payload.encode()).hexdigest()[:24]}.json"
+
+
+def _read_cache(path: Path) -> Results | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        results = stored["results"]
+        if stored.get("format") != _CACHE_FORMAT or not isinstance(results, dict):
+            raise ValueError("unexpected layout")
+        return {task: {metric: float(value) for metric, value in metrics.items()}
+                for task, metrics in results.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("Ignoring unreadable evaluation cache %s (%s)", path, exc)
+        return None
+
+
+def _write_cache(path: Path, record: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so an interrupted run never leaves a half-written cache entry behind.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cached_evaluate(
+    cache_dir: Path,
+    identity: Mapping[str, Any],
+    model_loader: Callable[[], tuple[Any, Any]],
+    settings: EvalSettings,
+) -> Results:
+    """Scores of a model that does not change (the original), evaluated once per (identity, settings).
+
+    `identity` must pin the weights, e.g. `{"source": repo_id, "revision": commit_sha, "dtype": "bfloat16"}`;
+    `model_loader` is only called on a cache miss, so a cached source is neither loaded nor evaluated.
+    """
+    path = cache_path(cache_dir, identity, settings)
+    cached = _read_cache(path)
+    if cached is not None:
+        log.info("Using cached scores of %s from %s", dict(identity), path)
+        return cached
+    log.info("No cached scores for %s; loading it for evaluation", dict(identity))
+    model, tokenizer = model_loader()
+    try:
+        results = evaluate(model, tokenizer, settings)
+    finally:
+        # The original is only needed for this; free it before the merge needs the memory.
+        del model, tokenizer
+        gc.collect()
+        _empty_accelerator_cache()
+    _write_cache(path, {
+        "format": _CACHE_FORMAT,
+        "identity": dict(identity),
+        "settings": settings.as_dict(),
+        "settings_key": settings.key(),
+        "lm_eval_version": lm_eval_version(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "results": results,
+    })
+    return results
+
+
+def _empty_accelerator_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
