@@ -26,6 +26,7 @@ class ArchSpec:
     expert_count_keys: tuple[str, ...]  # every key is written; the first present one is read
     moe_disk: str = "mlp"
     moe_module: str = "mlp"
+    moe_norm_module: str = "post_attention_layernorm"  # the norm whose output feeds the MoE block
     router: str = "gate.weight"
     expert_gate: str = "experts.{e}.gate_proj.weight"
     expert_up: str = "experts.{e}.up_proj.weight"

@@ -99,8 +99,8 @@ def router_rows(
     strategy: str,
     freqs: torch.Tensor,
     x: torch.Tensor | None = None,
-    fit_steps: int = 60,
-    max_fit_tokens: int = 16384,
+    fit_steps: int = 40,
+    max_fit_tokens: int = 8192,
 ) -> torch.Tensor:
     """K router rows for K groups.
 

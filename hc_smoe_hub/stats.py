@@ -22,6 +22,7 @@ class LayerStats:
     saliency: torch.Tensor  # (N,) REAP: mean over routed tokens of gate weight * ||E_i(x)||
     router_logits: torch.Tensor  # (T, N) fp32
     tokens: int
+    sampled_output: torch.Tensor | None = None  # (S, H) fp32 routed block output on the sampled rows
 
     @property
     def frequencies(self) -> torch.Tensor:
@@ -37,8 +38,13 @@ def collect(
     act: Activation,
     freq_top_k: int | None = None,
     chunk: int = 8192,
+    sample_rows: torch.Tensor | None = None,
 ) -> LayerStats:
-    """Statistics of one MoE layer on its input hidden states x (T, H), in x's dtype with fp32 sums."""
+    """Statistics of one MoE layer on its input hidden states x (T, H), in x's dtype with fp32 sums.
+
+    With `sample_rows`, the original routed block output on those tokens is assembled from the same expert
+    outputs (free, since every expert already runs on every token), as the reference for the merge error.
+    """
     n = experts.count
     logits = (x @ router.T.to(x.dtype)).float()
     weights, indices = route(logits, routing)
@@ -47,16 +53,32 @@ def collect(
     prob_mass = torch.softmax(logits, -1).sum(0)
     # Gate weight of expert i on each token (0 where not routed), for the saliency.
     gate_w = torch.zeros(logits.shape, dtype=torch.float32, device=x.device).scatter_(1, indices, weights)
-    features = torch.zeros(n, experts.down.shape[1], dtype=torch.float32, device=x.device)
+    hidden_sum = torch.zeros(n, experts.gate.shape[1], dtype=torch.float32, device=x.device)
     saliency = torch.zeros(n, dtype=torch.float32, device=x.device)
     routed = (gate_w > 0).sum(0).float()
+    sampled = None
+    in_sample = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if sample_rows is not None:
+        sampled = torch.zeros(len(sample_rows), experts.down.shape[1], dtype=torch.float32, device=x.device)
+        in_sample[sample_rows] = True
+        sample_pos = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        sample_pos[sample_rows] = torch.arange(len(sample_rows), device=x.device)
     for i in range(n):
         for s in range(0, x.shape[0], chunk):
-            xs = x[s : s + chunk]
-            y = expert_hidden(xs, experts.gate[i], experts.up[i], act) @ experts.down[i].T
-            y32 = y.float()
-            features[i] += y32.sum(0)
-            saliency[i] += (gate_w[s : s + chunk, i] * y32.norm(dim=-1)).sum()
-    features /= x.shape[0]
+            h = expert_hidden(x[s : s + chunk], experts.gate[i], experts.up[i], act)
+            hidden_sum[i] += h.float().sum(0)
+            # The down projection is linear, so the mean output needs it only once, on the mean activation;
+            # per-token outputs are computed only where they are used: routed tokens and the error sample.
+            w = gate_w[s : s + chunk, i]
+            rows = torch.nonzero((w > 0) | in_sample[s : s + chunk]).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            y = (h[rows] @ experts.down[i].T).float()
+            saliency[i] += (w[rows] * y.norm(dim=-1)).sum()
+            if sampled is not None:
+                pos = sample_pos[rows + s]
+                keep = pos >= 0
+                sampled[pos[keep]] += y[keep] * w[rows[keep], None]
+    features = torch.einsum("ni,nhi->nh", hidden_sum / x.shape[0], experts.down.float())
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
-    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0])
+    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled)

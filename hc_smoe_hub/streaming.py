@@ -9,7 +9,10 @@ experts (sequential calibration), and freed.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +47,7 @@ class EngineSettings:
     compute_dtype: torch.dtype
     sequential: bool = True
     batch_tokens: int = 8192
-    error_tokens: int = 4096
+    error_tokens: int = 1024
 
 
 @dataclass
@@ -55,6 +58,20 @@ class LayerRecord:
     output_rel_error: float
     seconds: float
     extra: dict = field(default_factory=dict)
+
+
+def release_freed_memory() -> None:
+    """Make glibc hand every large freed buffer back to the OS.
+
+    By default glibc raises its mmap threshold after large frees, so later layer-sized buffers come from the heap
+    and stay resident after they are freed: peak memory then grows with depth. A fixed 1 MiB threshold keeps the
+    process at about one layer.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 is M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # musl or another libc: nothing to tune
+            pass
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -121,6 +138,7 @@ class StreamingMerger:
     # ---------- run ----------
     def run(self, blocks: torch.Tensor, writer: ShardedWriter,
             on_layer: Callable[[LayerRecord], None] | None = None) -> list[LayerRecord]:
+        release_freed_memory()
         dev = self.s.device
         for key in self._ordered_keys():
             if not key.startswith(self.spec.layers_prefix):
@@ -136,7 +154,7 @@ class StreamingMerger:
         records: list[LayerRecord] = []
         for layer_idx in tqdm(range(self.num_layers), desc="merging layers", unit="layer"):
             t0 = time.perf_counter()
-            hidden, record = self._process_layer(layers, layer_idx, hidden, layer_kwargs, writer)
+            record = self._process_layer(layers, layer_idx, hidden, layer_kwargs, writer)
             if record is not None:
                 record.seconds = time.perf_counter() - t0
                 records.append(record)
@@ -198,61 +216,102 @@ class StreamingMerger:
             state[moe_mem + spec.router] = router
         return state
 
-    def _run_layer(self, module: nn.Module, state: dict, hidden: list[torch.Tensor], kwargs: list[dict],
-                   capture: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _load(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         dev, cdt = self.s.device, self.s.compute_dtype
         # assign=True adopts the loaded tensors as parameters instead of copying them into a second buffer.
         module.load_state_dict({k: v.to(dev, cdt) for k, v in state.items()}, strict=True, assign=True)
-        captured: list[torch.Tensor] = []
-        handle = None
-        if capture:
-            moe = module.get_submodule(self.spec.moe_module)
-            handle = moe.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1,
-                                                   args[0].shape[-1])))
-        outs = []
+        return module
+
+    def _run_dense(self, module: nn.Module, state: dict, hidden: list[torch.Tensor], kwargs: list[dict]) -> None:
+        """Run a whole decoder layer in place over the hidden states (layers without routed experts)."""
+        self._load(module, state)
         try:
             with torch.no_grad():
-                for h, kw in zip(hidden, kwargs, strict=True):
+                for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
                     out = module(h, **kw)
-                    outs.append(out[0] if isinstance(out, tuple) else out)
+                    hidden[i] = out[0] if isinstance(out, tuple) else out
         finally:
-            if handle:
+            module.to("meta")
+
+    def _run_to_moe(self, module: nn.Module, state: dict, hidden: list[torch.Tensor],
+                    kwargs: list[dict]) -> torch.Tensor:
+        """Run a decoder layer up to its MoE block, in place.
+
+        Each hidden[i] is replaced by the residual stream that enters the MoE block's norm, and the block's input
+        (the normalized hidden states) is returned as one (T, H) tensor. The layer's output is then that residual
+        plus the MoE block's output, so the block can be evaluated (original or merged) without re-running
+        attention, and the original block need not run at all in sequential mode.
+        """
+        self._load(module, state)
+        norm = module.get_submodule(self.spec.moe_norm_module)
+        moe = module.get_submodule(self.spec.moe_module)
+        residual: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
+
+        def take_residual(_m, args):
+            residual.append(args[0])
+
+        def take_input(_m, args):
+            inputs.append(args[0].reshape(-1, args[0].shape[-1]))
+            raise _Caught((), {})
+
+        handles = [norm.register_forward_pre_hook(take_residual), moe.register_forward_pre_hook(take_input)]
+        try:
+            with torch.no_grad():
+                for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+                    with contextlib.suppress(_Caught):
+                        module(h, **kw)
+                    hidden[i] = residual.pop()
+        finally:
+            for handle in handles:
                 handle.remove()
             module.to("meta")
-        return outs, (torch.cat(captured) if capture else None)
+        return torch.cat(inputs)
+
+    def _add_moe_block(self, block: nn.Module, state: dict, hidden: list[torch.Tensor], x: torch.Tensor) -> None:
+        """hidden[i] += block(x of batch i): finishes the decoder layer with the given MoE block."""
+        self._load(block, state)
+        try:
+            with torch.no_grad():
+                start = 0
+                for i, h in enumerate(hidden):
+                    n = h.shape[0] * h.shape[1]
+                    hidden[i] = h + block(x[start : start + n].view(h.shape)).to(h.dtype)
+                    start += n
+        finally:
+            block.to("meta")
 
     def _process_layer(self, layers: nn.ModuleList, layer_idx: int, hidden: list[torch.Tensor],
-                       kwargs: list[dict], writer: ShardedWriter) -> tuple[list[torch.Tensor], LayerRecord | None]:
+                       kwargs: list[dict], writer: ShardedWriter) -> LayerRecord | None:
         spec, dev = self.spec, self.s.device
         prefix = spec.layer_prefix(layer_idx)
         keys = [k for k in self.src.tensors if k.startswith(prefix)]
         tensors = self.src.read(keys, dev)
-        is_moe = layer_idx in self.moe_layers
-        if not is_moe:
-            outs, _ = self._run_layer(layers[layer_idx], self._layer_state(layer_idx, tensors, None, None),
-                                      hidden, kwargs, capture=False)
+        if layer_idx not in self.moe_layers:
+            self._run_dense(layers[layer_idx], self._layer_state(layer_idx, tensors, None, None), hidden, kwargs)
             for key in keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
-            return outs, None
+            return None
 
-        n = self.n_experts
-        per_expert = [spec.expert_keys(layer_idx, e) for e in range(n)]
+        per_expert = [spec.expert_keys(layer_idx, e) for e in range(self.n_experts)]
         experts = Experts(*(torch.stack([tensors[keys3[j]] for keys3 in per_expert]) for j in range(3)))
         router = tensors[spec.router_key(layer_idx)]
         state = self._layer_state(layer_idx, tensors, experts, router)
-        outs, x = self._run_layer(layers[layer_idx], state, hidden, kwargs, capture=True)
-        assert x is not None
+        x = self._run_to_moe(layers[layer_idx], state, hidden, kwargs)
         cdt = self.s.compute_dtype
         compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
         freq_top_k = 2 if self.s.options.paper_frequency else None
-        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k)
+        sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
+        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
         ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
         plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
         reduced = Routing(min(self.routing.top_k, self.s.keep), self.routing.renormalize)
-        error = self._relative_error(x, compute_experts, router, plan, reduced)
+        merged_routed = moe_output(x[sample], plan.experts.to(dtype=cdt), plan.router, reduced, self.act)
+        ref = stats.sampled_output
+        error = float((merged_routed - ref).norm() / ref.norm().clamp(min=1e-12))
 
-        merged_keys = set(k for keys3 in per_expert for k in keys3) | {spec.router_key(layer_idx)}
+        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx)}
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
@@ -261,13 +320,17 @@ class StreamingMerger:
             for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
                 writer.write(key, mat[e].to(experts.gate.dtype))
 
+        moe_prefix = spec.moe_module + "."
         if self.s.sequential:
-            with torch.device("meta"):
-                merged_layer = type(layers[layer_idx])(self.reduced_hf_config, layer_idx)
             merged_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
-            outs, _ = self._run_layer(merged_layer, merged_state, hidden, kwargs, capture=False)
-        record = LayerRecord(layer_idx, plan.groups, stats.frequencies.cpu().tolist(), error, 0.0, plan.extra)
-        return outs, record
+            block_state = {k[len(moe_prefix):]: v for k, v in merged_state.items() if k.startswith(moe_prefix)}
+            with torch.device("meta"):
+                block = type(layers[layer_idx].get_submodule(spec.moe_module))(self.reduced_hf_config)
+        else:
+            block_state = {k[len(moe_prefix):]: v for k, v in state.items() if k.startswith(moe_prefix)}
+            block = layers[layer_idx].get_submodule(spec.moe_module)
+        self._add_moe_block(block, block_state, hidden, x)
+        return LayerRecord(layer_idx, plan.groups, stats.frequencies.cpu().tolist(), error, 0.0, plan.extra)
 
     def _check_plan(self, plan: LayerPlan, experts: Experts, router: torch.Tensor) -> None:
         k = self.s.keep
@@ -275,14 +338,6 @@ class StreamingMerger:
             raise RuntimeError(f"method {self.s.options.method} returned a plan of the wrong size")
         if plan.experts.gate.shape[1:] != experts.gate.shape[1:]:
             raise RuntimeError("merged experts changed shape")
-
-    def _relative_error(self, x: torch.Tensor, experts: Experts, router: torch.Tensor, plan: LayerPlan,
-                        reduced: Routing) -> float:
-        """Relative error of the routed block output, merged vs original, on a sample of calibration tokens."""
-        xs = x[:: max(1, x.shape[0] // self.s.error_tokens)]
-        ref = moe_output(xs, experts, router, self.routing, self.act)
-        new = moe_output(xs, plan.experts.to(dtype=xs.dtype), plan.router, reduced, self.act)
-        return float((new - ref).norm() / ref.norm().clamp(min=1e-12))
 
 
 def dtype_of_source(source: SourceCheckpoint, spec: ArchSpec, layer: int) -> torch.dtype:

@@ -90,7 +90,7 @@ def test_non_expert_tensors_are_copied_byte_for_byte(tiny_models, merge_args, tm
     src = tiny_models["qwen2_moe"]
     run_cli(src, tmp_path / "out", "3", merge_args)
     a, b = SourceCheckpoint(src), SourceCheckpoint(tmp_path / "out")
-    copied = [k for k in a.keys() if ".experts." not in k and not k.endswith("mlp.gate.weight")]
+    copied = [k for k in a.tensors if ".experts." not in k and not k.endswith("mlp.gate.weight")]
     assert any("shared_expert" in k for k in copied) and any("layers.1.mlp.gate_proj" in k for k in copied)
     for key in copied:
         assert b"".join(a.copy_raw(key)) == b"".join(b.copy_raw(key)), key
@@ -108,8 +108,8 @@ def test_merged_weights_follow_the_formula(mode, tiny_models, merge_args, tmp_pa
             w = freqs[group] if mode == "freq" else torch.ones(len(group), dtype=torch.float64)
             w = w / w.sum() if w.sum() > 0 else torch.full((len(group),), 1 / len(group), dtype=torch.float64)
             for name in ("w1", "w2", "w3"):
-                key = "model.layers.{}.block_sparse_moe.experts.{}.%s.weight" % name
-                expected = sum(wi * a[key.format(layer["layer"], i)].double() for wi, i in zip(w, group))
+                key = "model.layers.{}.block_sparse_moe.experts.{}." + name + ".weight"
+                expected = sum(wi * a[key.format(layer["layer"], i)].double() for wi, i in zip(w, group, strict=True))
                 # frequencies in hc_smoe.json are rounded to 6 decimals
                 assert torch.allclose(b[key.format(layer["layer"], new)].double(), expected, atol=1e-5)
         assert b[f"model.layers.{layer['layer']}.block_sparse_moe.gate.weight"].shape[0] == 4

@@ -1,0 +1,149 @@
+"""Memory and speed of the streaming merge engine on Mixtral-shaped random checkpoints.
+
+(a) Memory: two checkpoints that differ only in depth are merged in fresh processes; the growth of peak RSS per
+    extra byte of checkpoint must be <= 0.10 (loading the whole model with from_pretrained is measured beside it
+    and gives >= 1).
+(b) Speed: merge wall time divided by the floor, measured in the same run on the same checkpoint: reading every
+    weight once plus one pass of every expert over the calibration tokens. Goal <= 1.5.
+
+Run: python benchmarks/engine.py [--record]   (--record rewrites the engine section of benchmarks/RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hc_smoe_hub.checkpoint import SourceCheckpoint
+from hc_smoe_hub.synthetic import build_tiny_moe, calibration_text
+
+SHAPE = {"hidden": 512, "intermediate_size": 1024, "num_local_experts": 8}
+CALIB = {"num_samples": 8, "seq_len": 512}
+
+CHILD_MERGE = """
+import json, resource, sys, time, torch
+from pathlib import Path
+from hc_smoe_hub.calibration import CalibrationSpec
+from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
+torch.set_num_threads({threads})
+t = time.perf_counter()
+r = merge_checkpoint(MergeRequest(source={src!r}, keep="4", output_dir=Path({out!r}),
+    calibration=CalibrationSpec({calib!r}, {n}, {s}), device="cpu"))
+print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   "wall": time.perf_counter() - t, "merge": r.timings["merge"]}}))
+"""
+
+CHILD_LOAD = """
+import json, resource, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({src!r})
+print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+CHILD_BASE = """
+import json, resource, torch, transformers
+from hc_smoe_hub import merge
+print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def floor_seconds(src: Path, tokens: int, threads: int) -> float:
+    """Read every weight once, and run every expert once over `tokens` hidden states, layer by layer."""
+    torch.set_num_threads(threads)
+    ckpt = SourceCheckpoint(src)
+    config = json.loads((src / "config.json").read_text())
+    x = torch.randn(tokens, config["hidden_size"])
+    act = torch.nn.functional.silu
+    t = time.perf_counter()
+    layer_keys: dict[str, list[str]] = {}
+    for key in ckpt.keys():
+        layer_keys.setdefault(key.split(".experts.")[0] if ".experts." in key else key, []).append(key)
+    for prefix, keys in layer_keys.items():
+        tensors = ckpt.read(keys)
+        if ".experts." not in keys[0]:
+            continue
+        for e in range(config["num_local_experts"]):
+            w1, w2, w3 = (tensors[f"{prefix}.experts.{e}.{n}.weight"].float() for n in ("w1", "w2", "w3"))
+            (act(x @ w1.T) * (x @ w3.T)) @ w2.T
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--depths", default="2,8")
+    args = ap.parse_args()
+    shallow, deep = (int(d) for d in args.depths.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="hcsmoe-bench-"))
+    calib = calibration_text(tmp / "calib.txt", paragraphs=2000)
+    rows = {}
+    base = child(CHILD_BASE)["rss"]
+    for depth in (shallow, deep):
+        src = build_tiny_moe(tmp / f"d{depth}", "mixtral", num_layers=depth, hidden=SHAPE["hidden"],
+                             dtype=torch.bfloat16, max_shard_size="64MB",
+                             intermediate_size=SHAPE["intermediate_size"], num_attention_heads=8,
+                             num_key_value_heads=8)
+        size = SourceCheckpoint(src).total_bytes()
+        merged = child(CHILD_MERGE.format(threads=args.threads, src=str(src), out=str(tmp / f"o{depth}"),
+                                          calib=str(calib), n=CALIB["num_samples"], s=CALIB["seq_len"]))
+        loaded = child(CHILD_LOAD.format(src=str(src)))
+        floor = floor_seconds(src, CALIB["num_samples"] * CALIB["seq_len"], args.threads)
+        rows[depth] = {"bytes": size, "merge_rss": merged["rss"], "load_rss": loaded["rss"],
+                       "merge_s": merged["merge"], "floor_s": floor}
+    d_bytes = rows[deep]["bytes"] - rows[shallow]["bytes"]
+    merge_growth = (rows[deep]["merge_rss"] - rows[shallow]["merge_rss"]) / d_bytes
+    load_growth = (rows[deep]["load_rss"] - rows[shallow]["load_rss"]) / d_bytes
+    ratio = rows[deep]["merge_s"] / rows[deep]["floor_s"]
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only"
+    lines = [
+        f"Machine: {machine}; process baseline RSS {base / 2**20:.0f} MiB.",
+        f"Mixtral-shaped bf16 checkpoints, hidden {SHAPE['hidden']}, {SHAPE['num_local_experts']} experts of "
+        f"intermediate {SHAPE['intermediate_size']}, depth {shallow} and {deep}; keep 4; calibration "
+        f"{CALIB['num_samples']} x {CALIB['seq_len']} tokens, device cpu.",
+        "",
+        "| depth | checkpoint MiB | merge peak RSS MiB | from_pretrained peak RSS MiB | merge s | floor s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for depth, r in rows.items():
+        lines.append(f"| {depth} | {r['bytes'] / 2**20:.0f} | {r['merge_rss'] / 2**20:.0f} | "
+                     f"{r['load_rss'] / 2**20:.0f} | {r['merge_s']:.1f} | {r['floor_s']:.1f} |")
+    lines += [
+        "",
+        f"- peak RSS growth per extra checkpoint byte: merge **{merge_growth:.3f}** (goal <= 0.10), "
+        f"whole-model from_pretrained {load_growth:.3f}",
+        f"- merge time / floor at depth {deep}: **{ratio:.2f}** (goal <= 1.5)",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.record:
+        record("engine", f"Command: `python benchmarks/engine.py --record`\n\n{report}\n")
+
+
+def record(section: str, body: str) -> None:
+    path = Path(__file__).with_name("RESULTS.md")
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{start}\n{body}{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
