@@ -266,7 +266,9 @@ def _disk_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"the disk holding {path.parent} is full: free space or choose another --output-dir") from None
+            raise OutputError(
+                f"the disk holding {path.parent} is full: free space or choose another --output-dir"
+            ) from None
         raise
 
 

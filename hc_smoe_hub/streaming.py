@@ -10,6 +10,7 @@ experts (sequential calibration), and freed.
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import ctypes
 import logging
 import sys
@@ -68,10 +69,8 @@ def release_freed_memory() -> None:
     process at about one layer.
     """
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # musl or another libc: nothing to tune
             ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 is M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # musl or another libc: nothing to tune
-            pass
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
