@@ -10,7 +10,6 @@ experts (sequential calibration), and freed.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import ctypes
 import logging
 import sys
