@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hc_smoe_hub import __version__
 from hc_smoe_hub.calibration import DEFAULT_CALIBRATION, CalibrationSpec
 from hc_smoe_hub.clustering import LINKAGES, METRICS
 from hc_smoe_hub.errors import HcSmoeError
-from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
+from hc_smoe_hub.merge import MergeRequest
 from hc_smoe_hub.merging import MERGE_MODES, ROUTER_MODES
 from hc_smoe_hub.methods import METHODS, MethodOptions
 
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the merged checkpoint is written (default: ./<name>-<K>e)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-push", action="store_true", help="only write --output-dir, do not push")
+    p.add_argument("--repo-id", help="target Hub repo (default: <your user>/<source>-<method>-<K>e)")
+    p.add_argument("--private", action="store_true", help="create the target repo as private")
+    p.add_argument("--push-only", metavar="DIR", help="push a finished output directory (e.g. after a failed upload)")
+    p.add_argument("--demo", action="store_true",
+                   help="run offline on a small trained MoE shipped with the package (no push unless --repo-id)")
+    p.add_argument("--demo-model", default="mixtral", choices=["mixtral", "qwen-moe"],
+                   help="which shipped demo model --demo uses (default mixtral)")
     p.add_argument("--revision", help="source revision (branch, tag or commit) on the Hub")
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login)")
     p.add_argument("--version", action="version", version=f"hc-smoe-hub {__version__}")
@@ -38,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default=DEFAULT_CALIBRATION,
                    help="'c4' (the paper's C4 shard), a Hub dataset id, or a local .txt/.jsonl/.json.gz file")
     c.add_argument("--num-samples", type=int, default=32, help="calibration blocks (default 32)")
-    c.add_argument("--seq-len", type=int, default=2048, help="tokens per block (default 2048)")
+    c.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 2048; 256 with --demo)")
     c.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
 
     m = p.add_argument_group("method")
@@ -55,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     seq.add_argument("--one-shot", dest="sequential", action="store_false",
                      help="every layer is calibrated on the original model's hidden states")
 
+    e = p.add_argument_group("evaluation (EleutherAI lm-eval, on the original and the merged model)")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks (default: the paper's eight, 0-shot; demo tasks with --demo)")
+    e.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
+    e.add_argument("--num-fewshot", type=int, default=0)
+    e.add_argument("--eval-batch-size", default="8", help="lm-eval batch size (a number or 'auto')")
+    e.add_argument("--limit", type=float, default=None, help="examples per task (a count, or a fraction < 1)")
+    e.add_argument("--skip-eval", action="store_true", help="do not evaluate")
+
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     r.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
@@ -68,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return _run(args)
+        return _run(args, list(sys.argv[1:] if argv is None else argv))
     except HcSmoeError as exc:
         print(f"hc-smoe-push: error: {exc}", file=sys.stderr)
         return 2
@@ -77,19 +94,48 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace) -> int:
-    if not args.source:
-        raise HcSmoeError("give a SOURCE model (a local directory or a Hub repo id)")
-    if args.keep is None:
-        raise HcSmoeError("--keep is required: the number (or fraction) of experts to keep per layer")
-    if not args.no_push:
-        raise HcSmoeError("pushing is not available in this version: pass --no-push with --output-dir")
-    output = args.output_dir or f"{args.source.rstrip('/').split('/')[-1]}-{args.keep}e"
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from hc_smoe_hub.pipeline import JobRequest, push_only, run_job
+
+    if args.push_only:
+        url = push_only(Path(args.push_only), args.repo_id, args.token, args.private, args.overwrite)
+        print(f"pushed {args.push_only} to {url}")
+        return 0
+    include_path = args.include_path
+    if args.demo:
+        from hc_smoe_hub import demo
+
+        source = str(demo.DEMO_MODELS[args.demo_model])
+        calibration = args.calibration if args.calibration != DEFAULT_CALIBRATION else str(demo.CALIBRATION_TEXT)
+        seq_len = args.seq_len or 256
+        tasks = args.tasks.split(",") if args.tasks else list(demo.DEMO_TASKS)
+        include_path = include_path or (str(demo.task_dir()) if not args.tasks else None)
+        push = args.repo_id is not None and not args.no_push
+        keep = args.keep or "0.75"
+    else:
+        if not args.source:
+            raise HcSmoeError("give a SOURCE model (a local directory or a Hub repo id), or --demo")
+        if args.keep is None:
+            raise HcSmoeError("--keep is required: the number (or fraction) of experts to keep per layer")
+        source, calibration, seq_len, keep = args.source, args.calibration, args.seq_len or 2048, args.keep
+        tasks = args.tasks.split(",") if args.tasks else None
+        push = not args.no_push
+    name = "demo-" + args.demo_model if args.demo else source.rstrip("/").split("/")[-1]
+    output = Path(args.output_dir or f"{name}-{args.method}-{keep}")
+    evaluation = None
+    if not args.skip_eval:
+        from hc_smoe_hub.evaluation import PAPER_TASKS, EvalSettings
+
+        batch = int(args.eval_batch_size) if args.eval_batch_size.isdigit() else args.eval_batch_size
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        evaluation = EvalSettings(tasks=[t.strip() for t in (tasks or PAPER_TASKS) if t.strip()],
+                                  num_fewshot=args.num_fewshot, batch_size=batch, limit=limit,
+                                  include_path=include_path)
     request = MergeRequest(
-        source=args.source,
-        keep=args.keep,
-        output_dir=Path(output),
-        calibration=CalibrationSpec(args.calibration, args.num_samples, args.seq_len, args.seed),
+        source=source,
+        keep=keep,
+        output_dir=output,
+        calibration=CalibrationSpec(calibration, args.num_samples, seq_len, args.seed),
         options=MethodOptions(args.method, args.linkage, args.metric, args.merge, args.router,
                               args.paper_frequency, args.seed),
         sequential=args.sequential,
@@ -100,9 +146,47 @@ def _run(args: argparse.Namespace) -> int:
         revision=args.revision,
         token=args.token,
     )
-    result = merge_checkpoint(request)
-    print(f"merged {result.experts_before} -> {result.experts_after} experts per layer: {result.output_dir}")
+    job = JobRequest(merge=request, push=push, repo_id=args.repo_id, private=args.private, evaluation=evaluation,
+                     command=reproduce_command(argv))
+    result = run_job(job)
+    merged = result.merge
+    print(f"merged {merged.experts_before} -> {merged.experts_after} experts per layer "
+          f"({merged.family}, method {args.method}): {result.output_dir}")
+    if result.results_after is not None:
+        print(results_table(result.results_before or {}, result.results_after))
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    if result.repo_url:
+        print(f"pushed to {result.repo_url}")
     return 0
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The command line that reproduces this run, with any token removed."""
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--token":
+            skip = True
+            continue
+        if word.startswith("--token="):
+            continue
+        words.append(word)
+    return shlex.join(["hc-smoe-push", *words])
+
+
+def results_table(before: dict, after: dict) -> str:
+    lines = [f"{'task':<24} {'metric':<16} {'original':>10} {'merged':>10} {'change':>10}"]
+    for task in sorted(after):
+        for metric in ("acc", "acc_norm", "word_perplexity"):
+            a, b = before.get(task, {}).get(metric), after[task].get(metric)
+            if b is None:
+                continue
+            old = f"{a:.4f}" if a is not None else "-"
+            change = f"{b - a:+.4f}" if a is not None else "-"
+            lines.append(f"{task:<24} {metric:<16} {old:>10} {b:>10.4f} {change:>10}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

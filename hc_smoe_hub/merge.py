@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,7 +133,13 @@ def inspect_source(src_dir: Path) -> tuple[dict[str, Any], ArchSpec, SourceCheck
     return config, spec, SourceCheckpoint(src_dir)
 
 
-def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> MergeResult:
+def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None,
+                     finalize: Callable[[Path, MergeResult], None] | None = None) -> MergeResult:
+    """Merge `request.source` into `request.output_dir`.
+
+    `finalize(tmp_dir, result)` runs inside the temporary directory before it is renamed into place (evaluation and
+    the card go there), so a failure anywhere leaves no output directory behind.
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if src_dir is None:
@@ -187,9 +194,13 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
         provenance = _provenance(request, revision, spec, config, out_config, keep, device, merger_dtype,
                                  records, timings)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+        result = MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,
+                             config.get("model_type", ""), n, keep, top_k, min(top_k, keep), records, timings,
+                             provenance)
+        if finalize is not None:
+            finalize(tmp, result)
     log.info("wrote %s (%d -> %d experts per MoE layer)", request.output_dir, n, keep)
-    return MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,
-                       config.get("model_type", ""), n, keep, top_k, min(top_k, keep), records, timings, provenance)
+    return result
 
 
 def _provenance(request: MergeRequest, revision: str | None, spec: ArchSpec, config: dict, out_config: dict,

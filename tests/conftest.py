@@ -25,4 +25,4 @@ def calib_file(tmp_path_factory) -> Path:
 @pytest.fixture()
 def merge_args(calib_file):
     """CLI arguments for a fast offline merge."""
-    return ["--no-push", "--calibration", str(calib_file), "--num-samples", "4", "--seq-len", "64", "-q"]
+    return ["--no-push", "--skip-eval", "--calibration", str(calib_file), "--num-samples", "4", "--seq-len", "64", "-q"]
