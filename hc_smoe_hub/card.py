@@ -116,6 +116,7 @@ class CardInputs:
     license_name: str | None = None  # from the base card, used with license "other"
     license_link: str | None = None
     license_file_name: str = "LICENSE"  # name of the copied licence file in the output folder
+    source_is_local: bool = False  # a local directory: no Hub link, no base_model in the front matter
 
 
 # --------------------------------------------------------------------------------------------------- licence
@@ -350,8 +351,14 @@ def _eval_description(eval_settings: Mapping[str, Any] | None) -> tuple[str, str
     return ", ".join(parts) + ".", note
 
 
+def _source_link(inputs: CardInputs) -> str:
+    if inputs.source_is_local:
+        return f"`{inputs.source_id}` (a local checkpoint)"
+    return f"[{inputs.source_id}](https://huggingface.co/{inputs.source_id})"
+
+
 def _license_text(inputs: CardInputs) -> str:
-    base = f"[{inputs.source_id}](https://huggingface.co/{inputs.source_id})"
+    base = _source_link(inputs)
     if not inputs.license:
         return (f"The card of {base} states no licence. Check the base model's terms before using or sharing "
                 "this model.")
@@ -368,7 +375,7 @@ def _license_text(inputs: CardInputs) -> str:
 
 def _license_link(inputs: CardInputs) -> str | None:
     link = inputs.license_link
-    if link and not re.match(r"^https?://", link):
+    if link and not re.match(r"^https?://", link) and not inputs.source_is_local:
         relative = link.removeprefix("./")
         if inputs.license_file_copied and relative == inputs.license_file_name:
             return relative
@@ -417,8 +424,8 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     hub_id = hub_dataset_id(inputs.calibration_dataset)
     results = _eval_results(inputs)
     return ModelCardData(
-        base_model=inputs.source_id,
-        base_model_relation="merge",
+        base_model=None if inputs.source_is_local else inputs.source_id,
+        base_model_relation=None if inputs.source_is_local else "merge",
         license=inputs.license,
         license_name=inputs.license_name,
         license_link=_license_link(inputs),
@@ -457,7 +464,7 @@ def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
         model_name=inputs.repo_id.split("/")[-1],
         repo_id=inputs.repo_id,
         source_id=inputs.source_id,
-        source_url=f"https://huggingface.co/{inputs.source_id}",
+        source_link=_source_link(inputs),
         source_revision=inputs.source_revision,
         model_family=inputs.model_family,
         arxiv_url=ARXIV_URL,

@@ -13,7 +13,7 @@ from hc_smoe_hub.routing import Activation, Experts, expert_hidden
 
 log = logging.getLogger(__name__)
 
-MERGE_MODES = ("freq", "average", "fix-dom", "dominant")
+MERGE_MODES = ("freq", "average", "fix-dom", "dominant", "dominant-lsq", "freq-lsq")
 ROUTER_MODES = ("fit", "mean", "dominant")
 
 
@@ -138,3 +138,42 @@ def router_rows(
     with torch.enable_grad():
         opt.step(closure)
     return w.detach().to(router.dtype)
+
+
+def refit_down(
+    experts: Experts,
+    base: Experts,
+    groups: list[list[int]],
+    x_per_group: list[torch.Tensor],
+    router: torch.Tensor,
+    act: Activation,
+    ridge: float = 1e-3,
+) -> Experts:
+    """Re-fit each merged expert's down projection by least squares so that it reproduces its whole group.
+
+    The target for a token is what the group computed in the original model, the members' outputs weighted by
+    their router probabilities (sum_i p_i E_i(x) / sum_i p_i), on the tokens routed to the group; tokens are
+    weighted by the group's probability mass. Gate and up stay as in `base` (their neurons are kept), only the
+    linear down projection is solved, in closed form with a small ridge term towards stability. Singletons keep
+    their weights unchanged.
+    """
+    downs = []
+    for c, (g, x) in enumerate(zip(groups, x_per_group, strict=True)):
+        if len(g) == 1 or x.shape[0] == 0:
+            downs.append(base.down[c].float())
+            continue
+        xf = x.float()
+        probs = torch.softmax(xf @ router.float().T, dim=-1)[:, g]  # (T, |g|)
+        mass = probs.sum(-1, keepdim=True).clamp(min=1e-12)
+        target = torch.zeros(xf.shape[0], experts.down.shape[1], device=xf.device)
+        for j, i in enumerate(g):
+            y = expert_hidden(xf, experts.gate[i].float(), experts.up[i].float(), act) @ experts.down[i].float().T
+            target += probs[:, j, None] / mass * y
+        h = expert_hidden(xf, base.gate[c].float(), base.up[c].float(), act)  # (T, I)
+        w = mass  # important tokens (where the group carries much probability) count more
+        gram = (h * w).T @ h
+        lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
+        rhs = (h * w).T @ target  # (I, H)
+        sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], device=gram.device), rhs)
+        downs.append(sol.T)
+    return Experts(base.gate, base.up, torch.stack(downs).to(base.down.dtype))

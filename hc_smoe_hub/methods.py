@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
-from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_rows, weighted_merge
+from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, refit_down, router_rows, weighted_merge
 from hc_smoe_hub.routing import Activation, Experts, Routing, route
 from hc_smoe_hub.stats import LayerStats
 
@@ -73,6 +73,11 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     elif opts.merge == "fix-dom":
         xs = [ctx.routed_tokens(g) for g in groups]
         experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, xs, ctx.act)
+    elif opts.merge in ("dominant-lsq", "freq-lsq"):
+        base = (dominant_merge(ctx.experts, groups, freqs) if opts.merge == "dominant-lsq"
+                else weighted_merge(ctx.experts, groups, freqs))
+        xs = [ctx.routed_tokens(g) for g in groups]
+        experts = refit_down(ctx.experts, base, groups, xs, ctx.router, ctx.act)
     else:
         raise ValueError(f"unknown merge mode {opts.merge}")
     router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x)
@@ -93,3 +98,6 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "hc-smoe": "HC-SMoE: hierarchical clustering of the experts' mean outputs on calibration text, each cluster "
     "merged into one expert",
 }
+
+# Baseline methods (f-prune, s-prune, o-prune, reap, m-smoe, diversify, random) register themselves on import.
+from hc_smoe_hub import baselines  # noqa: E402, F401

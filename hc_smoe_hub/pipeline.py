@@ -209,15 +209,18 @@ def _write_card(request: JobRequest, repo_id: str | None, src_dir: Path, revisio
                 "seq_len": mreq.calibration.seq_len, "calibration_seed": mreq.calibration.seed,
                 "sequential": mreq.sequential, "compute_dtype": provenance["compute_dtype"]}
     eval_settings = request.evaluation.as_dict() if request.evaluation is not None else None
+    local = Path(mreq.source).expanduser().is_dir()
     inputs = CardInputs(
-        source_id=mreq.source, source_revision=revision, model_family=merged.model_type,
+        source_id=Path(mreq.source).name if local else mreq.source, source_is_local=local,
+        source_revision=revision, model_family=merged.model_type,
         method=mreq.options.method, settings=settings, experts_before=merged.experts_before,
         experts_after=merged.experts_after, top_k_before=merged.top_k_before, top_k_after=merged.top_k_after,
         params_before=params_before, params_after=params_after, disk_bytes_before=disk_before,
         disk_bytes_after=disk_after, clusters={r.layer: r.clusters for r in merged.layers},
         results_before=results.get("before"), results_after=results.get("after"), eval_settings=eval_settings,
         command=request.command, tool_version=__version__, hardware=hardware_description(device),
-        timings=dict(timings), repo_id=repo_id or out.name, calibration_dataset=mreq.calibration.source,
+        timings=dict(timings), repo_id=repo_id or Path(mreq.output_dir).name,
+        calibration_dataset=mreq.calibration.source,
         **inherit_license(src_dir, out),
     )
     write_card(inputs, out)
