@@ -31,14 +31,18 @@ def most_used(group: list[int], coeffs: torch.Tensor) -> int:
 
 
 def weighted_merge(experts: Experts, groups: list[list[int]], coeffs: torch.Tensor | None) -> Experts:
-    """W_g = sum_i c_i W_i / sum_i c_i per group (c = frequencies for `freq`, None for `average`)."""
+    """W_g = sum_i c_i W_i / sum_i c_i per group (c = frequencies for `freq`, None for `average`).
+
+    All groups are merged at once as one (K, N) @ (N, -1) product in fp32.
+    """
+    n = experts.count
+    mix = torch.zeros(len(groups), n, dtype=torch.float32)
+    for k, g in enumerate(groups):
+        mix[k, g] = _weights(g, coeffs)
     out = []
     for mat in (experts.gate, experts.up, experts.down):
-        rows = []
-        for g in groups:
-            w = _weights(g, coeffs).to(mat.device)
-            rows.append(torch.einsum("g,g...->...", w, mat[g].float()))
-        out.append(torch.stack(rows).to(mat.dtype))
+        merged = mix.to(mat.device) @ mat.reshape(n, -1).float()
+        out.append(merged.reshape(len(groups), *mat.shape[1:]).to(mat.dtype))
     return Experts(*out)
 
 
@@ -99,8 +103,8 @@ def router_rows(
     strategy: str,
     freqs: torch.Tensor,
     x: torch.Tensor | None = None,
-    fit_steps: int = 40,
-    max_fit_tokens: int = 8192,
+    fit_steps: int = 30,
+    max_fit_tokens: int = 4096,
 ) -> torch.Tensor:
     """K router rows for K groups.
 
