@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class JobRequest:
     repo_id: str | None = None
     private: bool = False
     evaluation: Any | None = None  # evaluation.EvalSettings; None skips evaluation
-    eval_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "hc_smoe_hub" / "eval")
+    eval_cache_dir: Path = field(default_factory=lambda: default_cache_dir() / "eval")
     command: str = ""  # the command that reproduces this run, for the card
 
 
@@ -48,6 +49,10 @@ class JobResult:
     results_before: dict | None
     results_after: dict | None
     timings: dict[str, float]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hc_smoe_hub"
 
 
 def default_repo_name(source: str, method: str, keep: str) -> str:
@@ -157,6 +162,7 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
         notify("push")
         t = time.perf_counter()
         repo_url = hub.push_folder(merged.output_dir, repo_id, token=mreq.token, private=request.private,
+                                   delete_stale=mreq.overwrite,
                                    commit_message=f"HC-SMoE merge of {mreq.source}: {merged.experts_before} -> "
                                    f"{merged.experts_after} experts per layer")
         _stage(timings, "push", t)
@@ -238,5 +244,5 @@ def push_only(directory: Path, repo_id: str | None, token: str | None, private: 
     prov = json.loads(prov_path.read_text())
     name = default_repo_name(prov["source"]["id"], prov["method"], str(prov["experts_after"]))
     target = hub.check_push_access(repo_id, token=token, default_name=name, overwrite=overwrite, private=private)
-    return hub.push_folder(directory, target, token=token, private=private,
+    return hub.push_folder(directory, target, token=token, private=private, delete_stale=overwrite,
                            commit_message=f"Upload {directory.name} (hc-smoe-hub {__version__})")

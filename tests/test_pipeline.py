@@ -1,0 +1,126 @@
+"""The whole job against a loopback Hub: pull, merge, real lm-eval, card, push, load back; refusals before compute."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, constants
+from test_hub import ALICE, BOB, hf_env, hub  # noqa: F401  (pytest fixtures)
+from transformers import AutoModelForCausalLM
+
+from hc_smoe_hub.cli import main
+from hc_smoe_hub.demo import task_dir
+from hc_smoe_hub.synthetic import build_tiny_moe
+
+SOURCE = "upstream/tiny-moe"
+
+
+@pytest.fixture()
+def seeded(hub, tmp_path, monkeypatch):
+    src = build_tiny_moe(tmp_path / "src", "mixtral")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    (src / "LICENSE").write_text("Apache License 2.0 (test copy)\n")
+    hub.seed_repo(SOURCE, {p.name: p for p in src.iterdir()})
+    # transformers downloads without an explicit endpoint, through these values frozen at import time.
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return hub
+
+
+def job_args(tmp_path, calib_file, *extra: str) -> list[str]:
+    return [SOURCE, "--keep", "4", "--output-dir", str(tmp_path / "out"), "--calibration", str(calib_file),
+            "--num-samples", "4", "--seq-len", "64", "--tasks", "demo_mc", "--include-path", str(task_dir()),
+            "--limit", "8", "-q", *extra]
+
+
+def test_pull_merge_evaluate_push_and_load_back(seeded, tmp_path, calib_file, capsys):
+    assert main(job_args(tmp_path, calib_file, "--token", ALICE, "--repo-id", "alice/tiny-merged")) == 0
+    printed = capsys.readouterr().out
+    assert "pushed to" in printed and "demo_mc" in printed and ALICE not in printed
+    files = seeded.repo_files("alice/tiny-merged")
+    for name in ("config.json", "model.safetensors", "README.md", "hc_smoe.json", "eval_results.json",
+                 "eval_comparison.png", "LICENSE", "tokenizer.json"):
+        assert name in files, name
+    assert all(ALICE.encode() not in data for data in files.values())
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == SOURCE and card.data.base_model_relation == "merge"
+    assert card.data.license == "apache-2.0"
+    assert "https://arxiv.org/abs/2410.08589" in card.text and "--token" not in card.text
+    results = json.loads(files["eval_results.json"])
+    assert 0 <= results["merged"]["demo_mc"]["acc"] <= 1 and "demo_mc" in results["original"]
+    pushed = AutoModelForCausalLM.from_pretrained("alice/tiny-merged", token=ALICE)
+    local = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert pushed.config.num_local_experts == 4
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(pushed(ids).logits, local(ids).logits)
+
+
+def test_original_scores_are_cached(seeded, tmp_path, calib_file, caplog):
+    assert main(job_args(tmp_path, calib_file, "--no-push")) == 0
+    cache = list((tmp_path / "cache" / "hc_smoe_hub" / "eval").glob("*.json"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    second = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in job_args(tmp_path, calib_file)]
+    assert main([*second, "--no-push", "--keep", "3"]) == 0
+    assert cache[0].stat().st_mtime_ns == stamp  # not evaluated nor rewritten again
+    a = json.loads((tmp_path / "out" / "eval_results.json").read_text())["original"]
+    b = json.loads((tmp_path / "out2" / "eval_results.json").read_text())["original"]
+    assert a == b
+
+
+def refused(capsys, argv, out, *words) -> None:
+    start = time.perf_counter()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hc-smoe-push:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert time.perf_counter() - start < 20
+    assert not out.exists()
+    for token in (ALICE, BOB):
+        assert token not in err
+
+
+def test_no_token_is_refused_before_download(seeded, tmp_path, calib_file, capsys):
+    refused(capsys, job_args(tmp_path, calib_file), tmp_path / "out", "token")
+    assert not any("/resolve/" in path for _method, path in seeded.requests)
+
+
+def test_read_only_token_is_refused(seeded, tmp_path, calib_file, capsys):
+    refused(capsys, job_args(tmp_path, calib_file, "--token", BOB), tmp_path / "out", "write")
+    assert not any("/resolve/" in path for _method, path in seeded.requests)
+
+
+def test_non_empty_target_is_refused_without_overwrite(seeded, tmp_path, calib_file, capsys):
+    seeded.seed_repo("alice/taken", {"config.json": b"{}"})
+    refused(capsys, job_args(tmp_path, calib_file, "--token", ALICE, "--repo-id", "alice/taken"),
+            tmp_path / "out", "--overwrite")
+
+
+def test_gated_source_is_refused(seeded, tmp_path, calib_file, capsys):
+    seeded.seed_repo(SOURCE, {}, gated=True)
+    refused(capsys, job_args(tmp_path, calib_file, "--token", ALICE, "--no-push"), tmp_path / "out", "gated")
+
+
+def test_failed_upload_keeps_the_output_and_push_only_finishes(seeded, tmp_path, calib_file, capsys):
+    seeded.fail_next("POST", r"/(commit|preupload)/", status=503, times=100)
+    argv = job_args(tmp_path, calib_file, "--token", ALICE, "--repo-id", "alice/flaky", "--skip-eval")
+    from hc_smoe_hub import hub as hubmod
+
+    original = hubmod.push_folder
+    hubmod.push_folder = lambda *a, **k: original(*a, **{**k, "backoff_s": 0})  # no real sleeping in tests
+    try:
+        assert main(argv) == 2
+    finally:
+        hubmod.push_folder = original
+    err = capsys.readouterr().err
+    assert "--push-only" in err and (tmp_path / "out" / "config.json").exists()
+    seeded._failures.clear()
+    assert main(["--push-only", str(tmp_path / "out"), "--repo-id", "alice/flaky", "--token", ALICE]) == 0
+    assert "model.safetensors" in seeded.repo_files("alice/flaky")
