@@ -26,7 +26,8 @@ def seeded(hub, tmp_path, monkeypatch):
     hub.seed_repo(SOURCE, {p.name: p for p in src.iterdir()})
     # transformers downloads without an explicit endpoint, through these values frozen at import time.
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return hub
 
