@@ -19,7 +19,7 @@ SOURCE = "upstream/tiny-moe"
 
 
 @pytest.fixture()
-def seeded(hub, tmp_path, monkeypatch):
+def seeded(hub, tmp_path, monkeypatch):  # noqa: F811  (the imported fixture)
     src = build_tiny_moe(tmp_path / "src", "mixtral")
     (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
     (src / "LICENSE").write_text("Apache License 2.0 (test copy)\n")
