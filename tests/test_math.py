@@ -169,3 +169,26 @@ def test_writer_refuses_unwritten_tensors(tmp_path):
         writer.finish()
     with pytest.raises(ValueError):
         writer.write("a", torch.zeros(3))
+
+
+def test_least_squares_refit_reproduces_the_group_better_than_its_dominant_member():
+    from hc_smoe_hub.merging import dominant_merge, refit_down
+    from hc_smoe_hub.routing import expert_hidden
+
+    ex = random_experts(n=3, inter=16, hidden=6, seed=5)
+    # Member 1 shares member 0's neurons but has another down projection: a refit can absorb it exactly.
+    ex.gate[1], ex.up[1] = ex.gate[0].clone(), ex.up[0].clone()
+    router = torch.randn(3, 6, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(4000, 6, generator=torch.Generator().manual_seed(7))
+    groups, freqs = [[0, 1], [2]], torch.tensor([0.5, 0.3, 0.2])
+    base = dominant_merge(ex, groups, freqs)
+    fitted = refit_down(ex, base, groups, [x, x], router, ACT)
+    probs = torch.softmax(x @ router.T, -1)[:, [0, 1]]
+    outs = torch.stack([expert_hidden(x, ex.gate[i], ex.up[i], ACT) @ ex.down[i].T for i in (0, 1)], 1)
+    target = (probs[..., None] * outs).sum(1) / probs.sum(-1, keepdim=True)
+
+    def err(e):
+        return float((expert_hidden(x, e.gate[0], e.up[0], ACT) @ e.down[0].T - target).norm() / target.norm())
+
+    assert err(fitted) < 0.5 * err(base)
+    assert torch.equal(fitted.down[1], ex.down[2]) and torch.equal(fitted.gate[0], ex.gate[0])
