@@ -28,8 +28,12 @@ from hc_smoe_hub.synthetic import build_tiny_moe, calibration_text
 SHAPE = {"hidden": 512, "intermediate_size": 1024, "num_local_experts": 8}
 CALIB = {"num_samples": 8, "seq_len": 512}
 
+# The peak is read from VmHWM: unlike ru_maxrss, it is reset by exec, so a child launched from this (large)
+# benchmark process does not inherit the parent's peak.
+PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
+
 CHILD_MERGE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
 from hc_smoe_hub.calibration import CalibrationSpec
 from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
@@ -37,21 +41,20 @@ torch.set_num_threads({threads})
 t = time.perf_counter()
 r = merge_checkpoint(MergeRequest(source={src!r}, keep="4", output_dir=Path({out!r}),
     calibration=CalibrationSpec({calib!r}, {n}, {s}), device="cpu"))
-print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                   "wall": time.perf_counter() - t, "merge": r.timings["merge"]}}))
+print(json.dumps({{"rss": {peak}, "wall": time.perf_counter() - t, "merge": r.timings["merge"]}}))
 """
 
 CHILD_LOAD = """
-import json, resource, torch
+import json, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({src!r})
-print(json.dumps({{"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"rss": {peak}}}))
 """
 
 CHILD_BASE = """
-import json, resource, torch, transformers
+import json, torch, transformers
 from hc_smoe_hub import merge
-print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({{"rss": {peak}}}))
 """
 
 
@@ -91,16 +94,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hcsmoe-bench-"))
     calib = calibration_text(tmp / "calib.txt", paragraphs=2000)
     rows = {}
-    base = child(CHILD_BASE)["rss"]
+    base = child(CHILD_BASE.format(peak=PEAK))["rss"]
     for depth in (shallow, deep):
         src = build_tiny_moe(tmp / f"d{depth}", "mixtral", num_layers=depth, hidden=SHAPE["hidden"],
                              dtype=torch.bfloat16, max_shard_size="64MB",
                              intermediate_size=SHAPE["intermediate_size"], num_attention_heads=8,
                              num_key_value_heads=8)
         size = SourceCheckpoint(src).total_bytes()
-        merged = child(CHILD_MERGE.format(threads=args.threads, src=str(src), out=str(tmp / f"o{depth}"),
+        merged = child(CHILD_MERGE.format(peak=PEAK, threads=args.threads, src=str(src), out=str(tmp / f"o{depth}"),
                                           calib=str(calib), n=CALIB["num_samples"], s=CALIB["seq_len"]))
-        loaded = child(CHILD_LOAD.format(src=str(src)))
+        loaded = child(CHILD_LOAD.format(peak=PEAK, src=str(src)))
         floor = floor_seconds(src, CALIB["num_samples"] * CALIB["seq_len"], args.threads)
         rows[depth] = {"bytes": size, "merge_rss": merged["rss"], "load_rss": loaded["rss"],
                        "merge_s": merged["merge"], "floor_s": floor}

@@ -44,10 +44,13 @@ class LayerContext:
     routing: Routing
     act: Activation
     stats: LayerStats
+    _top_k_indices: torch.Tensor | None = field(default=None, repr=False)
 
     def routed_tokens(self, group: list[int], limit: int = 16384) -> torch.Tensor:
         """Calibration tokens whose top-k includes a member of the group (all tokens if none are)."""
-        _, idx = route(self.stats.router_logits, self.routing)
+        if self._top_k_indices is None:  # one routing pass serves every group
+            self._top_k_indices = route(self.stats.router_logits, self.routing)[1]
+        idx = self._top_k_indices
         mask = torch.isin(idx, torch.tensor(group, device=idx.device)).any(-1)
         xs = self.x[mask] if bool(mask.any()) else self.x
         return xs[:: max(1, xs.shape[0] // limit)]

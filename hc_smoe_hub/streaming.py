@@ -214,10 +214,17 @@ class StreamingMerger:
             state[moe_mem + spec.router] = router
         return state
 
-    def _load(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
+        """Load `state` into a meta module; parameters under the prefix `skip` may stay on the meta device."""
         dev, cdt = self.s.device, self.s.compute_dtype
         # assign=True adopts the loaded tensors as parameters instead of copying them into a second buffer.
-        module.load_state_dict({k: v.to(dev, cdt) for k, v in state.items()}, strict=True, assign=True)
+        result = module.load_state_dict({k: v.to(dev, cdt) for k, v in state.items()}, strict=skip is None,
+                                        assign=True)
+        if skip is not None:
+            missing = [k for k in result.missing_keys if not k.startswith(skip)]
+            if missing or result.unexpected_keys:
+                raise SourceError(f"layer tensors do not match the model class: missing {missing[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]}")
         return module
 
     def _run_dense(self, module: nn.Module, state: dict, hidden: list[torch.Tensor], kwargs: list[dict]) -> None:
@@ -240,7 +247,8 @@ class StreamingMerger:
         plus the MoE block's output, so the block can be evaluated (original or merged) without re-running
         attention, and the original block need not run at all in sequential mode.
         """
-        self._load(module, state)
+        # The MoE block never runs here (its pre-hook stops the layer), so its weights are not loaded at all.
+        self._load(module, state, skip=self.spec.moe_module + ".")
         norm = module.get_submodule(self.spec.moe_norm_module)
         moe = module.get_submodule(self.spec.moe_module)
         residual: list[torch.Tensor] = []
@@ -294,8 +302,10 @@ class StreamingMerger:
         per_expert = [spec.expert_keys(layer_idx, e) for e in range(self.n_experts)]
         experts = Experts(*(torch.stack([tensors[keys3[j]] for keys3 in per_expert]) for j in range(3)))
         router = tensors[spec.router_key(layer_idx)]
-        state = self._layer_state(layer_idx, tensors, experts, router)
-        x = self._run_to_moe(layers[layer_idx], state, hidden, kwargs)
+        moe_prefix = spec.moe_module + "."
+        pre_moe = {k: v for k, v in self._layer_state(layer_idx, tensors, None, None).items()
+                   if not k.startswith(moe_prefix)}
+        x = self._run_to_moe(layers[layer_idx], pre_moe, hidden, kwargs)
         cdt = self.s.compute_dtype
         compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
         freq_top_k = 2 if self.s.options.paper_frequency else None
@@ -318,15 +328,14 @@ class StreamingMerger:
             for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
                 writer.write(key, mat[e].to(experts.gate.dtype))
 
-        moe_prefix = spec.moe_module + "."
         if self.s.sequential:
-            merged_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
-            block_state = {k[len(moe_prefix):]: v for k, v in merged_state.items() if k.startswith(moe_prefix)}
+            block_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
             with torch.device("meta"):
                 block = type(layers[layer_idx].get_submodule(spec.moe_module))(self.reduced_hf_config)
         else:
-            block_state = {k[len(moe_prefix):]: v for k, v in state.items() if k.startswith(moe_prefix)}
+            block_state = self._layer_state(layer_idx, tensors, experts, router)
             block = layers[layer_idx].get_submodule(spec.moe_module)
+        block_state = {k[len(moe_prefix):]: v for k, v in block_state.items() if k.startswith(moe_prefix)}
         self._add_moe_block(block, block_state, hidden, x)
         return LayerRecord(layer_idx, plan.groups, stats.frequencies.cpu().tolist(), error, 0.0, plan.extra)
 
