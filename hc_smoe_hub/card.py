@@ -419,6 +419,12 @@ def _eval_results(inputs: CardInputs) -> list[EvalResult]:
     return out
 
 
+def _is_pruned(clusters: list[list[list[int]]] | dict[int, list[list[int]]]) -> bool:
+    """Every new expert is one original expert: a pruning, where the unlisted experts were removed."""
+    layers = clusters.values() if isinstance(clusters, dict) else clusters
+    return all(len(group) == 1 for groups in layers for group in groups)
+
+
 def card_data(inputs: CardInputs) -> ModelCardData:
     """The front matter: what the Hub indexes (base model relation, licence, tags, datasets, model-index)."""
     hub_id = hub_dataset_id(inputs.calibration_dataset)
@@ -470,6 +476,7 @@ def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
         arxiv_url=ARXIV_URL,
         method=inputs.method,
         is_hc_smoe=inputs.method == "hc-smoe",
+        pruned=_is_pruned(inputs.clusters),
         method_description=_method_description(inputs),
         experts_before=inputs.experts_before,
         experts_after=inputs.experts_after,

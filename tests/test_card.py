@@ -347,3 +347,19 @@ def test_calibration_dataset_kinds(inputs):
     local = render_card(replace(inputs, calibration_dataset="corpus.txt"))
     assert ModelCard(local).data.datasets is None
     assert "`corpus.txt`" in local
+
+
+def test_pruned_checkpoint_is_described_as_pruned(inputs):
+    merged_text = render_card(inputs)
+    assert "no partner" in merged_text and "| Merged |" in merged_text
+    pruned = replace(inputs, method="f-prune", clusters=[[[0], [3], [5]], [[1], [2], [7]]])
+    text = render_card(pruned)
+    assert "experts not listed were removed" in text and "no partner" not in text
+    assert "| Pruned |" in text and "| Merged |" not in text
+
+
+def test_local_source_has_no_hub_link_or_base_model(inputs):
+    local = replace(inputs, source_id="my-moe", source_is_local=True)
+    text = render_card(local)
+    assert "`my-moe` (a local checkpoint)" in text and "huggingface.co/my-moe" not in text
+    assert ModelCard(text).data.base_model is None
