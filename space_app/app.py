@@ -1,0 +1,614 @@
+"""Gradio app (a Hugging Face Space): shrink a Mixture-of-Experts model with HC-SMoE and push it to your account.
+
+The user signs in with Hugging Face, names a source model and how many experts to keep per layer, and presses
+"Merge and push". The job (`hc_smoe_hub.pipeline.run_job`) streams its log and a progress bar per stage into the
+page and ends with a link to the pushed repository and the lm-eval table (original vs merged).
+
+    python space_app/app.py          # locally: needs `pip install -e ".[space]"` and `hf auth login` / HF_TOKEN
+
+On a Space the job pushes with the signed-in user's OAuth token, never with the Space owner's HF_TOKEN. Outside a
+Space gradio mocks "Sign in with Hugging Face" with the account this machine is logged in with (it calls `whoami`
+at start-up), so locally the job pushes with that account's token and local paths are accepted for the source
+model, the calibration text and an lm-eval task folder. Tests mount `build_demo()`.
+
+Settings for the operator (environment variables):
+    HC_SMOE_MEMORY_LIMIT  memory a job may use, e.g. "70GB" (default: the free GPU memory, 70 GB on ZeroGPU, or
+                          the available RAM without a GPU); a larger model is refused before anything is downloaded
+    HC_SMOE_WORKDIR       where merged checkpoints are written before the push (default: the system temp dir)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    # ZeroGPU's package, preinstalled on Spaces: imported before torch so it can patch it (its decorator is a no-op
+    # off ZeroGPU). Elsewhere it is usually absent and the job runs in process.
+    import spaces
+except ImportError:
+    spaces = None
+
+try:
+    import hc_smoe_hub  # noqa: F401
+except ModuleNotFoundError:
+    # `python space_app/app.py` from a checkout that was not pip-installed: use the package next to this folder.
+    # On a Space the package folder is uploaded beside app.py (see README.md), where Python finds it anyway.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gradio as gr
+import torch
+from huggingface_hub import HfApi
+
+from hc_smoe_hub import hub
+from hc_smoe_hub.architectures import SPECS, spec_for
+from hc_smoe_hub.calibration import DEFAULT_CALIBRATION, CalibrationSpec
+from hc_smoe_hub.checkpoint import parse_size
+from hc_smoe_hub.cli import reproduce_command
+from hc_smoe_hub.clustering import LINKAGES
+from hc_smoe_hub.errors import HcSmoeError
+from hc_smoe_hub.evaluation import PAPER_TASKS, EvalSettings, headline
+from hc_smoe_hub.merge import REPO_ID, MergeRequest, parse_keep, read_config
+from hc_smoe_hub.merging import MERGE_MODES, ROUTER_MODES
+from hc_smoe_hub.methods import METHODS, MethodOptions
+from hc_smoe_hub.pipeline import JobRequest, default_repo_name, run_job
+
+log = logging.getLogger("hc_smoe_space")
+
+PACKAGE_LOGGER = "hc_smoe_hub"
+# The stages `run_job` reports through `on_stage`, in order.
+STAGES = ("access", "download", "merge", "evaluate original", "evaluate merged", "card", "push")
+# The access token gradio's local login mock puts in the session (gradio/oauth.py, `_get_mocked_oauth_info`).
+MOCK_OAUTH_TOKEN = "mock-oauth-token-for-local-dev"
+# A ZeroGPU "large" slice is half an H200; CUDA is invisible outside @spaces.GPU there, so it cannot be measured.
+ZERO_GPU_MEMORY = 70 * 10**9
+LOG_LINES = 400
+RESULT_HEADERS = ["task", "metric", "original", "merged", "change"]
+
+Event = tuple[str, Any]  # ("log", line) | ("stage", name) | ("done", summary dict) | ("error", message)
+
+
+def on_space() -> bool:
+    """Gradio's own test (SYSTEM=spaces and SPACE_ID): where it serves real OAuth rather than its local mock."""
+    return gr.utils.get_space() is not None
+
+
+def on_zero_gpu() -> bool:
+    return gr.utils.is_zero_gpu_space()
+
+
+def repo_link(repo_id: str) -> str:
+    """The repository's page on the Hub this process talks to (`HF_ENDPOINT` when set)."""
+    return f"{hub.hub_endpoint()}/{repo_id}"
+
+
+# ---------------------------------------------------------------------------- checks before any compute
+
+
+@dataclass
+class SourceFacts:
+    config: dict[str, Any]
+    weight_bytes: int
+
+
+def inspect_source(source: str, token: str | None) -> SourceFacts | None:
+    """config.json and safetensors size of the source, without downloading the weights.
+
+    None when the Hub cannot tell (network, gated, missing repo): `run_job` then reports that with its own
+    message, so nothing is refused here on a guess.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return None
+        return SourceFacts(read_config(path), sum(f.stat().st_size for f in path.glob("*.safetensors")))
+    if not REPO_ID.match(source):
+        return None
+    try:
+        api = HfApi(endpoint=hub.hub_endpoint(), token=token or False)
+        info = api.model_info(source, files_metadata=True)
+        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+        config = json.loads(Path(api.hf_hub_download(source, "config.json", revision=info.sha)).read_text())
+    except Exception as exc:  # any failure here is reported better by the download stage of run_job
+        log.info("could not inspect %s before the job (%s); the download stage will tell", source, type(exc).__name__)
+        return None
+    return SourceFacts(config, size)
+
+
+def compute_on_gpu() -> bool:
+    return on_zero_gpu() or torch.cuda.is_available()
+
+
+def memory_budget() -> tuple[int, str] | None:
+    """Memory the job may fill and where that figure comes from; None when there is nothing to check against."""
+    configured = os.environ.get("HC_SMOE_MEMORY_LIMIT", "").strip()
+    if configured:
+        try:
+            return parse_size(configured), "the limit configured for this app (HC_SMOE_MEMORY_LIMIT)"
+        except ValueError:
+            log.warning("ignoring HC_SMOE_MEMORY_LIMIT=%r: not a size like 70GB", configured)
+    if on_zero_gpu():
+        return ZERO_GPU_MEMORY, "a ZeroGPU slice"
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return free, "the free GPU memory"
+    available = _available_ram()
+    return (available, "the available memory of this machine (no GPU)") if available else None
+
+
+def _available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo (free pages alone would count the reclaimable page cache as used)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_needed(facts: SourceFacts, evaluate: bool, num_samples: int, seq_len: int, on_gpu: bool) -> int:
+    """A coarse estimate of the job's peak memory on its device.
+
+    The merge streams one decoder layer at a time (about two layers' weights plus the calibration hidden states in
+    fp32), but lm-eval loads the whole model, the original and then the merged one. A CPU computes in fp32, which
+    doubles 16-bit weights.
+    """
+    dtype = str(facts.config.get("dtype") or facts.config.get("torch_dtype") or "")
+    widen = 2 if not on_gpu and dtype in ("bfloat16", "float16") else 1
+    if evaluate:
+        return int(facts.weight_bytes * widen * 1.15)
+    layers = int(facts.config.get("num_hidden_layers") or 1)
+    hidden = int(facts.config.get("hidden_size") or 0)
+    return int(2 * widen * facts.weight_bytes / layers + 2 * num_samples * seq_len * hidden * 4)
+
+
+def gpu_seconds(weight_bytes: int, num_tasks: int, limit: int | None) -> int:
+    """A ZeroGPU duration for the job: download, merge and lm-eval on both models, from the weights' size.
+
+    Coarse on purpose: reading every weight a few times at a few GB/s, and for lm-eval about 4,000 examples per
+    paper task (their average) at a per-example cost that grows with the model.
+    """
+    gb = weight_bytes / 1e9
+    seconds = 60 + 8 * gb
+    if num_tasks:
+        examples = limit if limit is not None else 4000
+        seconds += 2 * num_tasks * examples * (0.02 + 0.0005 * gb)
+    return int(seconds)
+
+
+@dataclass
+class JobPlan:
+    job: JobRequest
+    workdir: Path
+    stages: tuple[str, ...]
+    gpu_seconds: int
+
+
+def resolve_user_token(oauth_token: gr.OAuthToken | None) -> str:
+    """The token the job pushes with: the signed-in user's, never the Space owner's HF_TOKEN."""
+    if oauth_token is None or not oauth_token.token:
+        raise HcSmoeError("sign in with Hugging Face first (button at the top): the merged model is pushed to your "
+                          "account")
+    if oauth_token.token == MOCK_OAUTH_TOKEN and not on_space():
+        # Gradio's local login mock stands for the account this machine is logged in with: push with its token.
+        token = hub.resolve_token(None)
+        if not token:
+            raise HcSmoeError(hub.NO_TOKEN_MESSAGE)
+        return token
+    return oauth_token.token
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or Path(text).expanduser().exists()
+
+
+def _positive_int(value: float | int | None, label: str) -> int:
+    if value is None or float(value) < 1 or not float(value).is_integer():
+        raise HcSmoeError(f"{label} must be a whole number of at least 1, got {value}")
+    return int(value)
+
+
+def prepare_job(source: str, keep: str, calibration: str, repo_id: str, method: str, linkage: str, merge: str,
+                router: str, num_samples: float, seq_len: float, tasks: list[str] | None, limit: float | None,
+                include_path: str, private: bool, overwrite: bool, token: str) -> JobPlan:
+    """Check the form and the source model (raising HcSmoeError with one line) and build the job."""
+    source, keep, calibration = (source or "").strip(), str(keep or "").strip(), (calibration or "").strip()
+    repo_id, include_path = (repo_id or "").strip(), (include_path or "").strip()
+    if not source:
+        raise HcSmoeError("enter a source model: a Hub repo id such as mistralai/Mixtral-8x7B-v0.1")
+    if not keep:
+        raise HcSmoeError("enter the experts to keep per layer: a count such as 6, or a fraction such as 0.75")
+    calibration = calibration or DEFAULT_CALIBRATION
+    if on_space():
+        # The Space's own files are not the user's to merge or calibrate on.
+        if _looks_local(source) or not REPO_ID.match(source):
+            raise HcSmoeError(f"'{source}' is not a Hub model id (org/name): this Space only reads models from the "
+                              "Hub")
+        if _looks_local(calibration):
+            raise HcSmoeError("local calibration files are read only when the app runs on your machine: use c4 "
+                              "or a Hub dataset id")
+        include_path = ""
+    samples = _positive_int(num_samples, "Calibration samples")
+    block = _positive_int(seq_len, "Block length")
+    task_list = [t.strip() for t in tasks or [] if t and t.strip()]
+    eval_limit = None
+    if limit is not None and float(limit) > 0:
+        eval_limit = _positive_int(limit, "Examples per task")
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise HcSmoeError(f"task folder {include_path} does not exist")
+
+    facts = inspect_source(source, token)
+    if facts is not None:
+        spec = spec_for(facts.config)  # a dense or unsupported model is refused here, before any download
+        experts = spec.num_experts(facts.config)
+        try:
+            parse_keep(keep, experts)
+        except HcSmoeError:
+            raise HcSmoeError(f"Experts to keep must be a whole count from 1 to {experts} or a fraction in (0, 1): "
+                              f"{source} has {experts} experts per MoE layer, got '{keep}'") from None
+        budget = memory_budget()
+        need = memory_needed(facts, bool(task_list), samples, block, compute_on_gpu())
+        if budget is not None and need > budget[0]:
+            what = "evaluating it (lm-eval loads the whole model)" if task_list else "merging it"
+            hint = ": clear the evaluation tasks, choose a smaller model" if task_list else ": choose a smaller model"
+            raise HcSmoeError(
+                f"{source} is too large for this machine: {what} needs about {need / 1e9:.1f} GB but "
+                f"{budget[1]} is {budget[0] / 1e9:.1f} GB{hint}, or run hc-smoe-push on a bigger machine"
+            )
+
+    root = os.environ.get("HC_SMOE_WORKDIR") or None
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="hc-smoe-space-", dir=root))
+    name = default_repo_name(source, method, keep)
+    evaluation = None
+    if task_list:
+        evaluation = EvalSettings(tasks=task_list, limit=eval_limit,
+                                  include_path=str(Path(include_path).expanduser()) if include_path else None)
+    argv = [source, "--keep", keep, "--calibration", calibration, "--num-samples", str(samples),
+            "--seq-len", str(block), "--method", method, "--linkage", linkage, "--merge", merge, "--router", router]
+    argv += ["--repo-id", repo_id] if repo_id else []
+    argv += ["--private"] if private else []
+    argv += ["--overwrite"] if overwrite else []
+    argv += (["--tasks", ",".join(task_list)] + (["--limit", str(eval_limit)] if eval_limit else [])
+             + (["--include-path", include_path] if include_path else [])) if task_list else ["--skip-eval"]
+    job = JobRequest(
+        merge=MergeRequest(
+            source=source,
+            keep=keep,
+            output_dir=workdir / name,
+            calibration=CalibrationSpec(calibration, samples, block),
+            options=MethodOptions(method=method, linkage=linkage, merge=merge, router=router),
+            overwrite=overwrite,
+            token=token,
+        ),
+        push=True,
+        repo_id=repo_id or None,
+        private=private,
+        evaluation=evaluation,
+        command=reproduce_command(argv),
+    )
+    stages = tuple(s for s in STAGES if task_list or not s.startswith("evaluate"))
+    seconds = gpu_seconds(facts.weight_bytes if facts else 0, len(task_list), eval_limit)
+    return JobPlan(job, workdir, stages, seconds)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def _gpu(duration: Callable[..., int]) -> Callable[[Callable], Callable]:
+    """`spaces.GPU(duration=...)` where the `spaces` package is installed; it is itself a no-op off ZeroGPU."""
+    if spaces is None:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+class _QueueLogHandler(logging.Handler):
+    def __init__(self, events: queue.Queue[Event]) -> None:
+        super().__init__(logging.INFO)
+        self.events = events
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.events.put(("log", self.format(record)))
+        except Exception:
+            self.handleError(record)
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    """What the page shows of a JobResult, as plain data (on ZeroGPU it crosses a process boundary)."""
+    merged = result.merge
+    return {
+        "repo_id": result.repo_id,
+        "family": merged.family if merged else None,
+        "experts_before": merged.experts_before if merged else None,
+        "experts_after": merged.experts_after if merged else None,
+        "results_before": result.results_before,
+        "results_after": result.results_after,
+    }
+
+
+@_gpu(duration=lambda plan: plan.gpu_seconds)
+def run_plan(plan: JobPlan) -> Iterator[list[Event]]:
+    """Run the job in a worker thread and yield its events in batches, the last one ending with done or error.
+
+    A generator on purpose: on ZeroGPU this runs in a forked process and only what it yields reaches the page, so
+    log lines and stage names travel as events rather than through the page's own log handler.
+    """
+    events: queue.Queue[Event] = queue.Queue()
+    handler = _QueueLogHandler(events)
+    package_log = logging.getLogger(PACKAGE_LOGGER)
+    previous_level = package_log.level
+    if package_log.getEffectiveLevel() > logging.INFO:
+        package_log.setLevel(logging.INFO)
+    package_log.addHandler(handler)
+
+    def work() -> None:
+        try:
+            result = run_job(plan.job, on_stage=lambda name: events.put(("stage", name)))
+            events.put(("done", _summary(result)))
+        except HcSmoeError as exc:
+            events.put(("error", str(exc)))
+        except Exception as exc:  # a bug: the page gets one line, the server log the traceback
+            log.exception("job failed")
+            events.put(("error", f"internal error ({type(exc).__name__}: {exc}); the app's log has the details"))
+
+    # The copied context carries gradio's progress tracker, so tqdm bars in the job show in the page.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="hc-smoe-job", daemon=True)
+    worker.start()
+    try:
+        while True:
+            batch = [events.get()]
+            while True:
+                try:
+                    batch.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            yield batch
+            if any(kind in ("done", "error") for kind, _ in batch):
+                break
+    finally:
+        # Hold the single job slot until the job has really finished, even if the page went away.
+        worker.join()
+        package_log.removeHandler(handler)
+        package_log.setLevel(previous_level)
+
+
+def _drop_disabled_bars(progress: gr.Progress) -> None:
+    """Forget tqdm bars created disabled (huggingface_hub's download bars): gradio tracks them anyway, at 0%.
+
+    A terminal never shows them; in the page they would hang on below the stage bar until the job ends. Removed one
+    by one, as the job's thread may be adding a bar meanwhile.
+    """
+    for tracked in [t for t in progress.iterables if getattr(t._tqdm, "disable", False)]:
+        with contextlib.suppress(ValueError):  # closed meanwhile
+            progress.iterables.remove(tracked)
+
+
+def results_rows(before: dict | None, after: dict | None) -> list[list[str]]:
+    """Rows task, metric, original, merged, change; every numeric metric but standard errors, `acc` first."""
+    if not after:
+        return []
+    before = before or {}
+    rows = []
+    for task in sorted(after):
+        metrics = sorted((m for m in after[task] if not m.endswith("_stderr")), key=lambda m: (m != "acc", m))
+        for metric in metrics:
+            new, old = after[task][metric], before.get(task, {}).get(metric)
+            rows.append([task, metric, _fmt(old), _fmt(new), f"{new - old:+.4f}" if old is not None else "-"])
+    head_before, head_after = headline(before), headline(after)
+    if head_after is not None and sum("acc" in m for m in after.values()) > 1:
+        change = f"{head_after - head_before:+.4f}" if head_before is not None else "-"
+        rows.append(["mean (paper headline)", "acc", _fmt(head_before), _fmt(head_after), change])
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _md_escape(text: str) -> str:
+    """Show a message literally in Markdown (repo names and paths hold `_` and `*`)."""
+    for ch in "\\`*_{}[]<>()#+!|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _finished_markdown(summary: dict[str, Any], seconds: float) -> str:
+    repo_id = summary["repo_id"]
+    lines = [f"### Pushed to [{repo_id}]({repo_link(repo_id)})"]
+    if summary["experts_before"] is not None:
+        lines.append(f"{summary['experts_before']} → {summary['experts_after']} experts per MoE layer "
+                     f"({summary['family']}), in {seconds:.0f} s.")
+    if not summary["results_after"]:
+        lines.append("No evaluation was run (no evaluation tasks).")
+    return "\n\n".join(lines)
+
+
+def merge_and_push(source: str, keep: str, calibration: str, repo_id: str, method: str, linkage: str, merge: str,
+                   router: str, num_samples: float, seq_len: float, tasks: list[str] | None, limit: float | None,
+                   include_path: str, private: bool, overwrite: bool, oauth_token: gr.OAuthToken | None,
+                   progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Iterator[tuple]:  # noqa: B008
+    """The "Merge and push" handler: yields (status, log, results table, button) as the job goes."""
+    lines: deque[str] = deque(maxlen=LOG_LINES)
+    busy, idle = gr.Button(interactive=False), gr.Button(interactive=True)
+    no_table = gr.Dataframe(value=None, visible=False)
+    try:
+        token = resolve_user_token(oauth_token)
+        plan = prepare_job(source, keep, calibration, repo_id, method, linkage, merge, router, num_samples, seq_len,
+                           tasks, limit, include_path, private, overwrite, token)
+    except HcSmoeError as exc:
+        yield f"### Cannot start\n\n{_md_escape(str(exc))}", "", no_table, idle
+        return
+
+    started = time.perf_counter()
+    status, stage, outcome = "### Starting…", None, None
+    # A persistent bar for the stages, above the tqdm bars of the current stage (gradio stacks them). Gradio's
+    # Progress has no public handle on a bar it tracks, so the stage bar is its first tracked iterable.
+    progress.tqdm(None, desc="stages", total=len(plan.stages), unit="stage")
+    stage_bar = progress.iterables[0] if progress.iterables else None
+    yield status, "", no_table, busy
+    events = run_plan(plan)
+    try:
+        for batch in events:
+            for kind, value in batch:
+                if kind == "log":
+                    lines.append(value)
+                elif kind == "stage":
+                    stage = value
+                    number = plan.stages.index(value) + 1 if value in plan.stages else 0
+                    status = f"### Stage {number} of {len(plan.stages)}: {value}"
+                    if stage_bar is not None:
+                        stage_bar.index, stage_bar.desc = number - 1, f"stage {number}/{len(plan.stages)}: {value}"
+                else:
+                    outcome = (kind, value)
+            if stage_bar is not None:
+                _drop_disabled_bars(progress)
+                progress.update(0)  # sends the bars as they are now
+            if outcome is None:
+                yield status, "\n".join(lines), gr.skip(), busy
+    except gr.Error as exc:  # e.g. ZeroGPU refusing the GPU slot (quota): already worded for the user
+        outcome = ("error", str(exc.message))
+    except Exception as exc:
+        log.exception("the job stream failed")
+        outcome = ("error", f"internal error ({type(exc).__name__}: {exc}); the app's log has the details")
+    finally:
+        # Closing the event stream waits for the job to end; only then may its files go. The merged checkpoint
+        # is on the Hub (or the job failed): the local copy would only fill the disk.
+        events.close()
+        shutil.rmtree(plan.workdir, ignore_errors=True)
+    if outcome is not None and outcome[0] == "done":
+        rows = results_rows(outcome[1]["results_before"], outcome[1]["results_after"])
+        table = gr.Dataframe(value=rows, headers=RESULT_HEADERS, visible=bool(rows))
+        yield _finished_markdown(outcome[1], time.perf_counter() - started), "\n".join(lines), table, idle
+    else:
+        where = f" (stage: {stage})" if stage else ""
+        message = outcome[1] if outcome is not None else "the job ended without a result"
+        yield f"### Failed{where}\n\n{_md_escape(message)}", "\n".join(lines), no_table, idle
+
+
+def suggest_repo(source: str, keep: str, method: str, profile: gr.OAuthProfile | None) -> str:
+    """The default target repository: <signed-in user>/<source name>-<method>-<K>e."""
+    source, keep = (source or "").strip(), str(keep or "").strip()
+    if not source or not keep:
+        return ""
+    name = default_repo_name(source, method or "hc-smoe", keep)
+    return f"{profile.username}/{name}" if profile is not None else name
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+INTRO = """
+# Shrink a Mixture-of-Experts model with HC-SMoE
+
+Merges the experts of each MoE layer by hierarchical clustering of their outputs on calibration text
+([HC-SMoE, arXiv 2410.08589](https://arxiv.org/abs/2410.08589)) into a **physically smaller** checkpoint that plain
+`transformers` loads, evaluates the original and merged models with lm-eval, and pushes the result with a model card
+to **your** account. Supported families: {families}.
+"""
+
+
+def build_demo() -> gr.Blocks:
+    """The page, with its queue: one job at a time."""
+    local = not on_space()
+    calib_info = "c4 (the paper's C4 English shard) or a Hub dataset id with a text column"
+    if local:
+        calib_info += ", or a local .txt/.jsonl/.json.gz file"
+    with gr.Blocks(title="HC-SMoE: merge MoE experts and push") as demo:
+        gr.Markdown(INTRO.format(families=", ".join(spec.family for spec in SPECS)))
+        gr.LoginButton()
+        with gr.Row():
+            source = gr.Textbox(label="Source model", placeholder="mistralai/Mixtral-8x7B-v0.1", scale=3,
+                                info="Hub model id" + (" or local model directory" if local else ""))
+            keep = gr.Textbox(label="Experts to keep", placeholder="6", scale=1,
+                              info="per MoE layer: a count, or a fraction such as 0.75")
+        calibration = gr.Textbox(label="Calibration dataset", value=DEFAULT_CALIBRATION, info=calib_info)
+        repo_id = gr.Textbox(label="Target repository", placeholder="your-name/Mixtral-8x7B-v0.1-hc-smoe-6e",
+                             info="filled in from your account and the source; edit it to push elsewhere")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                method = gr.Dropdown(sorted(METHODS), value="hc-smoe", label="Method")
+                linkage = gr.Dropdown(list(LINKAGES), value="average", label="Linkage")
+                merge = gr.Dropdown(list(MERGE_MODES), value="freq", label="Expert merge")
+                router = gr.Dropdown(list(ROUTER_MODES), value="fit", label="Router strategy")
+            with gr.Row():
+                num_samples = gr.Number(32, label="Calibration samples", precision=0)
+                seq_len = gr.Number(2048, label="Block length (tokens)", precision=0)
+            tasks = gr.Dropdown(PAPER_TASKS, value=list(PAPER_TASKS), multiselect=True, allow_custom_value=True,
+                                label="Evaluation tasks", info="lm-eval tasks, 0-shot; clear them to skip evaluation",
+                                elem_id="tasks")
+            with gr.Row():
+                limit = gr.Number(0, label="Examples per task", precision=0, info="0: all")
+                include_path = gr.Textbox(label="Task folder", visible=local,
+                                          info="a directory of extra lm-eval task YAMLs (local runs only)")
+            with gr.Row():
+                private = gr.Checkbox(False, label="Private repository")
+                overwrite = gr.Checkbox(False, label="Replace the files of an existing target repository")
+        run = gr.Button("Merge and push", variant="primary")
+        status = gr.Markdown(elem_id="status")
+        # Where gradio draws the progress bars (stage, then the current stage's tqdm bars), away from the text.
+        bars = gr.Markdown(elem_id="progress", min_height=48, container=False)
+        log_box = gr.Textbox(label="Log", lines=12, max_lines=20, interactive=False, elem_id="log")
+        table = gr.Dataframe(headers=RESULT_HEADERS, label="Evaluation (lm-eval, 0-shot)", interactive=False,
+                             visible=False, elem_id="results")
+
+        suggest_inputs = [source, keep, method]
+        # After sign-in the page reloads: the load event fills the target from the signed-in user. It is declared
+        # first so that it, not one of the change listeners below, gets the public api name.
+        demo.load(suggest_repo, suggest_inputs, repo_id, queue=False, show_progress="hidden", api_name="suggest_repo")
+        for trigger in (source.change, keep.change, method.change):
+            trigger(suggest_repo, suggest_inputs, repo_id, queue=False, show_progress="hidden",
+                    trigger_mode="always_last", api_visibility="private")
+        # Gradio 6's Textbox does not follow appended text (its autoscroll), so the page scrolls the log itself.
+        follow_log = "() => { const t = document.querySelector('#log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
+        log_box.change(None, None, None, js=follow_log)
+        run.click(
+            merge_and_push,
+            [source, keep, calibration, repo_id, method, linkage, merge, router, num_samples, seq_len, tasks, limit,
+             include_path, private, overwrite],
+            [status, log_box, table, run],
+            api_name="merge_and_push",
+            concurrency_limit=1,
+            concurrency_id="merge",
+            show_progress_on=[bars],
+        )
+    return demo.queue(max_size=32)
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """Styling, which Gradio 6 takes in `launch()` rather than in `Blocks()`."""
+    css = "#log textarea { font-family: ui-monospace, monospace; font-size: 12px; }"
+    return {"theme": gr.themes.Soft(primary_hue="orange"), "css": css}
+
+
+def main() -> None:
+    # The job's own log on the console; other libraries (HTTP clients) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in (PACKAGE_LOGGER, log.name):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not on_space() and hub.resolve_token(None) is None:
+        sys.exit("app.py: outside a Space the 'Sign in with Hugging Face' button stands for the account this machine "
+                 "is logged in with: run `hf auth login` or set HF_TOKEN first")
+    build_demo().launch(**launch_kwargs())
+
+
+if __name__ == "__main__":
+    main()
