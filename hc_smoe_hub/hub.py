@@ -197,6 +197,23 @@ def check_push_access(
     return target
 
 
+def fetch_config(repo_id: str, *, revision: str | None, token: str | None) -> dict[str, Any]:
+    """Only the source's config.json, so an unsupported model or a wrong --keep is refused before the download."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    token = resolve_token(token)
+    endpoint = hub_endpoint()
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision, token=token or False, endpoint=endpoint)
+        return json.loads(Path(path).read_text())
+    except ValueError:
+        raise SourceError(f"the config.json of {repo_id} is not valid JSON") from None
+    except Exception as exc:
+        _raise_download_error(exc, repo_id, revision, token, endpoint)
+
+
 def download_source(
     repo_id: str,
     *,

@@ -84,13 +84,19 @@ def parse_keep(keep: str | int | float, n_experts: int) -> int:
     raise bad
 
 
+def is_hub_id(source: str) -> bool:
+    """Not an existing local path, and shaped like org/name."""
+    return (not Path(source).expanduser().exists() and bool(REPO_ID.match(source))
+            and not source.startswith((".", "/", "~")))
+
+
 def resolve_source(source: str, revision: str | None, token: str | None) -> tuple[Path, str | None]:
     path = Path(source).expanduser()
     if path.is_dir():
         return path.resolve(), revision
     if path.exists():
         raise SourceError(f"{source} is a file: pass the model directory (with config.json) or a Hub repo id")
-    if not REPO_ID.match(source) or source.startswith((".", "/", "~")):
+    if not is_hub_id(source):
         raise SourceError(f"{source} is neither a local model directory nor a Hub repo id (org/name)")
     from hc_smoe_hub import hub  # deferred: the Hub client is only needed for remote sources
 

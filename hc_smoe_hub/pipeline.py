@@ -128,7 +128,15 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
         _stage(timings, "access", t)
         log.info("will push to %s", repo_id)
 
-    from hc_smoe_hub.merge import resolve_source
+    from hc_smoe_hub.architectures import spec_for
+    from hc_smoe_hub.merge import is_hub_id, parse_keep, resolve_source
+
+    if is_hub_id(mreq.source):
+        from hc_smoe_hub import hub
+
+        # The family and --keep are checked on config.json alone, before gigabytes of weights come down.
+        config = hub.fetch_config(mreq.source, revision=mreq.revision, token=mreq.token)
+        parse_keep(mreq.keep, spec_for(config).num_experts(config))
 
     notify("download")
     t = time.perf_counter()

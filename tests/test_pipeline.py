@@ -119,3 +119,13 @@ def test_failed_upload_keeps_the_output_and_push_only_finishes(seeded, tmp_path,
     seeded._failures.clear()
     assert main(["--push-only", str(tmp_path / "out"), "--repo-id", "alice/flaky", "--token", ALICE]) == 0
     assert "model.safetensors" in seeded.repo_files("alice/flaky")
+
+
+def test_dense_or_bad_keep_on_the_hub_is_refused_before_the_weights_download(seeded, tmp_path, calib_file, capsys):
+    refused(capsys, [*job_args(tmp_path, calib_file, "--token", ALICE, "--no-push"), "--keep", "9"],
+            tmp_path / "out", "--keep", "1 to 8")
+    seeded.seed_repo("upstream/dense", {"config.json": json.dumps({"model_type": "llama"}).encode(),
+                                        "model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "})
+    argv = job_args(tmp_path, calib_file, "--token", ALICE, "--no-push")
+    refused(capsys, ["upstream/dense", *argv[1:]], tmp_path / "out", "llama", "not a supported")
+    assert not any(path.endswith(".safetensors") for _method, path in seeded.requests if "/resolve/" in path)
