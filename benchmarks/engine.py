@@ -72,7 +72,7 @@ def floor_seconds(src: Path, tokens: int, threads: int) -> float:
     act = torch.nn.functional.silu
     t = time.perf_counter()
     layer_keys: dict[str, list[str]] = {}
-    for key in ckpt.keys():
+    for key in ckpt.tensors:
         layer_keys.setdefault(key.split(".experts.")[0] if ".experts." in key else key, []).append(key)
     for prefix, keys in layer_keys.items():
         tensors = ckpt.read(keys)

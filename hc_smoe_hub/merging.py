@@ -13,7 +13,7 @@ from hc_smoe_hub.routing import Activation, Experts, expert_hidden
 
 log = logging.getLogger(__name__)
 
-MERGE_MODES = ("freq", "average", "fix-dom", "dominant", "dominant-lsq", "freq-lsq")
+MERGE_MODES = ("freq", "average", "fix-dom", "dominant", "freq-lsq", "fix-dom-lsq", "dominant-lsq")
 ROUTER_MODES = ("fit", "mean", "dominant")
 
 

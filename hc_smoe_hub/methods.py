@@ -67,22 +67,21 @@ class LayerPlan:
 def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions) -> LayerPlan:
     """Merge each group into one expert and patch the router, as `opts.merge` and `opts.router` say."""
     freqs = ctx.stats.frequencies
-    if opts.merge == "freq":
+    base_mode, refit = (opts.merge[: -len("-lsq")], True) if opts.merge.endswith("-lsq") else (opts.merge, False)
+    if base_mode == "freq":
         experts = weighted_merge(ctx.experts, groups, freqs)
-    elif opts.merge == "average":
+    elif base_mode == "average":
         experts = weighted_merge(ctx.experts, groups, None)
-    elif opts.merge == "dominant":
+    elif base_mode == "dominant":
         experts = dominant_merge(ctx.experts, groups, freqs)
-    elif opts.merge == "fix-dom":
-        xs = [ctx.routed_tokens(g) for g in groups]
-        experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, xs, ctx.act)
-    elif opts.merge in ("dominant-lsq", "freq-lsq"):
-        base = (dominant_merge(ctx.experts, groups, freqs) if opts.merge == "dominant-lsq"
-                else weighted_merge(ctx.experts, groups, freqs))
-        xs = [ctx.routed_tokens(g) for g in groups]
-        experts = refit_down(ctx.experts, base, groups, xs, ctx.router, ctx.act)
+    elif base_mode == "fix-dom":
+        experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, [ctx.routed_tokens(g) for g in groups],
+                                ctx.act)
     else:
         raise ValueError(f"unknown merge mode {opts.merge}")
+    if refit:
+        experts = refit_down(ctx.experts, experts, groups, [ctx.routed_tokens(g) for g in groups], ctx.router,
+                             ctx.act)
     router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x)
     return LayerPlan(groups, experts, router)
 
