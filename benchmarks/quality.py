@@ -86,13 +86,13 @@ def score(directory: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--record", action="store_true")
-    ap.add_argument("--only", default=None, help="comma-separated config names (substring match)")
+    ap.add_argument("--only", default=None, help="|-separated config names (substring match)")
     ap.add_argument("--models", default="mixtral,qwen-moe")
     ap.add_argument("--json", default="benchmarks/quality_results.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     configs = {k: v for k, v in CONFIGS.items()
-               if not args.only or any(o.strip().lower() in k.lower() for o in args.only.split(","))}
+               if not args.only or any(o.strip().lower() in k.lower() for o in args.only.split("|"))}
     out_json = Path(args.json)
     table: dict = json.loads(out_json.read_text()) if out_json.exists() else {}
     tmp = Path(tempfile.mkdtemp(prefix="hcsmoe-quality-"))

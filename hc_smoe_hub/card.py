@@ -315,9 +315,16 @@ def _method_description(inputs: CardInputs) -> str:
     if inputs.method == "hc-smoe":
         linkage, metric = s.get("linkage", "average"), s.get("metric", "euclidean")
         merge, router = s.get("merge", "freq"), s.get("router", "n/a")
+        from hc_smoe_hub.merging import MERGE_DESCRIPTIONS, ROUTER_DESCRIPTIONS
+
+        merge_text = MERGE_DESCRIPTIONS.get(merge, "")
+        router_text = ROUTER_DESCRIPTIONS.get(router, "")
+        calibration = ("each layer calibrated on the outputs of the already reduced layers before it"
+                       if s.get("sequential") else "every layer calibrated on the original model's hidden states")
         return (f"hierarchical clustering ({linkage} linkage, {metric} distance) of the experts' average "
-                f"outputs on the calibration tokens, then `{merge}` merging of each cluster into one expert; "
-                f"router rows: `{router}`.")
+                f"outputs on the calibration tokens, then `{merge}` merging of each cluster into one expert"
+                f"{' (' + merge_text + ')' if merge_text else ''}; router rows: `{router}`"
+                f"{' (' + router_text + ')' if router_text else ''}; {calibration}.")
     return f"the `{inputs.method}` expert reduction (every setting is listed below)."
 
 

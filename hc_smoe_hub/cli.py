@@ -19,6 +19,8 @@ from hc_smoe_hub.merge import MergeRequest
 from hc_smoe_hub.merging import MERGE_MODES, ROUTER_MODES
 from hc_smoe_hub.methods import METHODS, MethodOptions
 
+DEFAULTS = MethodOptions()
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -53,8 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", default="hc-smoe", choices=sorted(METHODS), help="expert reduction method")
     m.add_argument("--linkage", default="average", choices=LINKAGES)
     m.add_argument("--metric", default="euclidean", choices=METRICS)
-    m.add_argument("--merge", default="freq", choices=MERGE_MODES, help="how a cluster becomes one expert")
-    m.add_argument("--router", default="fit", choices=ROUTER_MODES, help="how the K router rows are made")
+    m.add_argument("--merge", default=DEFAULTS.merge, choices=MERGE_MODES,
+                   help=f"how a cluster becomes one expert (default {DEFAULTS.merge}, see benchmarks/RESULTS.md)")
+    m.add_argument("--router", default=DEFAULTS.router, choices=ROUTER_MODES,
+                   help=f"how the K router rows are made (default {DEFAULTS.router})")
+    m.add_argument("--paper", action="store_true",
+                   help="HC-SMoE exactly as the paper runs it: average linkage, euclidean, freq merge, one-shot "
+                   "calibration (router fit: the paper's N-row routing in K rows)")
     m.add_argument("--paper-frequency", action="store_true",
                    help="count usage over top-2 as the official HC-SMoE code does (reproduction only)")
     seq = m.add_mutually_exclusive_group()
@@ -131,6 +138,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         evaluation = EvalSettings(tasks=[t.strip() for t in (tasks or PAPER_TASKS) if t.strip()],
                                   num_fewshot=args.num_fewshot, batch_size=batch, limit=limit,
                                   include_path=include_path)
+    if args.paper:
+        args.method, args.linkage, args.metric, args.merge = "hc-smoe", "average", "euclidean", "freq"
+        args.router, args.sequential = "fit", False
     request = MergeRequest(
         source=source,
         keep=keep,

@@ -16,6 +16,24 @@ log = logging.getLogger(__name__)
 MERGE_MODES = ("freq", "average", "fix-dom", "dominant", "freq-lsq", "fix-dom-lsq", "dominant-lsq")
 ROUTER_MODES = ("fit", "mean", "dominant")
 
+MERGE_DESCRIPTIONS = {
+    "freq": "frequency-weighted average of the members' weights (the paper's default)",
+    "average": "plain average of the members' weights",
+    "fix-dom": "members' neurons aligned to the dominant member's by activation correlation, then averaged",
+    "dominant": "the cluster's most-used member kept unchanged",
+    "freq-lsq": "frequency-weighted average, then the down projection re-fitted by least squares to reproduce the "
+    "cluster's probability-weighted output on the calibration tokens (hc-smoe-hub's extension)",
+    "fix-dom-lsq": "fix-dom alignment, then the down projection re-fitted by least squares (hc-smoe-hub's extension)",
+    "dominant-lsq": "the most-used member, its down projection re-fitted by least squares to reproduce the whole "
+    "cluster (hc-smoe-hub's extension)",
+}
+ROUTER_DESCRIPTIONS = {
+    "fit": "one row per cluster fitted on the calibration tokens so that the softmax over the new rows matches "
+    "each cluster's summed member probability (the paper's N-row routing, in K rows)",
+    "mean": "frequency-weighted mean of the members' router rows",
+    "dominant": "the most-used member's router row",
+}
+
 
 def _weights(group: list[int], coeffs: torch.Tensor | None) -> torch.Tensor:
     w = torch.ones(len(group)) if coeffs is None else coeffs[group].detach().float().cpu()

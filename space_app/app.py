@@ -546,8 +546,8 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 method = gr.Dropdown(sorted(METHODS), value="hc-smoe", label="Method")
                 linkage = gr.Dropdown(list(LINKAGES), value="average", label="Linkage")
-                merge = gr.Dropdown(list(MERGE_MODES), value="freq", label="Expert merge")
-                router = gr.Dropdown(list(ROUTER_MODES), value="fit", label="Router strategy")
+                merge = gr.Dropdown(list(MERGE_MODES), value=MethodOptions().merge, label="Expert merge")
+                router = gr.Dropdown(list(ROUTER_MODES), value=MethodOptions().router, label="Router strategy")
             with gr.Row():
                 num_samples = gr.Number(32, label="Calibration samples", precision=0)
                 seq_len = gr.Number(2048, label="Block length (tokens)", precision=0)
