@@ -218,8 +218,11 @@ def _write_card(request: JobRequest, repo_id: str | None, src_dir: Path, revisio
     params_before, disk_before = checkpoint_size(src_dir)
     params_after, disk_after = checkpoint_size(out)
     provenance = json.loads((out / PROVENANCE_NAME).read_text())
+    calibration = mreq.calibration.source
+    if Path(calibration).expanduser().is_file():
+        calibration = Path(calibration).name  # a local file: its name, not the user's directory layout
     settings = {"keep": merged.experts_after, **mreq.options.as_dict(),
-                "calibration": mreq.calibration.source, "num_samples": mreq.calibration.num_samples,
+                "calibration": calibration, "num_samples": mreq.calibration.num_samples,
                 "seq_len": mreq.calibration.seq_len, "calibration_seed": mreq.calibration.seed,
                 "sequential": mreq.sequential, "compute_dtype": provenance["compute_dtype"]}
     eval_settings = request.evaluation.as_dict() if request.evaluation is not None else None
@@ -234,7 +237,7 @@ def _write_card(request: JobRequest, repo_id: str | None, src_dir: Path, revisio
         results_before=results.get("before"), results_after=results.get("after"), eval_settings=eval_settings,
         command=request.command, tool_version=__version__, hardware=hardware_description(device),
         timings=dict(timings), repo_id=repo_id or Path(mreq.output_dir).name,
-        calibration_dataset=mreq.calibration.source,
+        calibration_dataset=calibration,
         **inherit_license(src_dir, out),
     )
     write_card(inputs, out)
