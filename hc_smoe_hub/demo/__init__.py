@@ -4,12 +4,15 @@ lm-eval tasks on held-out text, so expert merging can be tried and judged offlin
 Everything was produced by `scripts/train_demo.py` from the Python 3.11 documentation (PSF License Agreement);
 see `TRAINING.md` next to this file for the recipe, the held-out losses and the scores of the unmerged models.
 
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from hc_smoe_hub.demo import DEMO_MODELS, DEMO_TASKS, task_dir
 
     tm = TaskManager(include_path=str(task_dir()), include_defaults=False)
-    # lm_eval.simple_evaluate(model=HFLM(pretrained=str(DEMO_MODELS["mixtral"]), ...), tasks=DEMO_TASKS,
-    #                         task_manager=tm)
+    path = str(DEMO_MODELS["mixtral"])
+    lm = HFLM(pretrained=path, tokenizer=path, batch_size=8, device="cpu")  # HFLM's default device is cuda
+    lm_eval.simple_evaluate(model=lm, tasks=DEMO_TASKS, task_manager=tm)
 """
 
 from __future__ import annotations
