@@ -94,13 +94,53 @@ def hc_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     return merge_groups(ctx, groups, opts)
 
 
+def anchored_groups(features: torch.Tensor, anchors: list[int]) -> list[list[int]]:
+    """Every expert that is not an anchor joins the anchor whose mean output is nearest (euclidean, as HC-SMoE
+    measures experts). Ties go to the lower anchor id."""
+    anchors = sorted(anchors)
+    groups = {a: [a] for a in anchors}
+    f = features.float()
+    for i in (i for i in range(features.shape[0]) if i not in groups):
+        dist = (f[anchors] - f[i]).norm(dim=-1)
+        groups[anchors[int(torch.argmin(dist))]].append(i)
+    return [sorted(groups[a]) for a in anchors]
+
+
+def anchored(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
+    """Anchored merging: the most-used experts survive as anchors and absorb the others.
+
+    Where HC-SMoE's clustering may merge two important experts together (and pruning discards what the removed
+    experts knew), here the K experts with the largest summed router probability each anchor one group, every
+    other expert joins the anchor with the nearest mean output, and each group is merged per `--merge`
+    (default: frequency-weighted, then the down projection re-fitted by least squares so that the anchor also
+    reproduces what its absorbed experts computed) with router rows per `--router`.
+    """
+    mass = ctx.stats.prob_mass
+    anchors = sorted(range(len(mass)), key=lambda i: (-float(mass[i]), i))[: ctx.keep]
+    return merge_groups(ctx, anchored_groups(ctx.stats.features, anchors), opts)
+
+
+def anchored_o(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
+    """Anchored merging with O-prune's anchors: the K-subset whose re-routed output best reconstructs the
+    layer's output survives and absorbs the other experts (see `anchored`)."""
+    from hc_smoe_hub.baselines import o_prune
+
+    anchors = [g[0] for g in o_prune(ctx, opts).groups]
+    return merge_groups(ctx, anchored_groups(ctx.stats.features, anchors), opts)
+
+
 METHODS: dict[str, Callable[[LayerContext, MethodOptions], LayerPlan]] = {
     "hc-smoe": hc_smoe,
+    "anchored": anchored,
+    "anchored-o": anchored_o,
 }
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "hc-smoe": "HC-SMoE: hierarchical clustering of the experts' mean outputs on calibration text, each cluster "
     "merged into one expert",
+    "anchored": "anchored merging (hc-smoe-hub): the experts with the largest router probability mass anchor the "
+    "groups, every other expert joins the anchor with the nearest mean output, each group merged into its anchor",
+    "anchored-o": "anchored merging (hc-smoe-hub) with O-prune's best-reconstructing subset as the anchors",
 }
 
 # Baseline methods (f-prune, s-prune, o-prune, reap, m-smoe, diversify, random) register themselves on import.

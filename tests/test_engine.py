@@ -170,3 +170,15 @@ def test_provenance_records_settings_and_versions(tiny_models, merge_args, tmp_p
     assert prov["options"]["merge"] == "fix-dom" and prov["method"] == "hc-smoe"
     assert prov["calibration"]["num_samples"] == 4 and "transformers" in prov["versions"]
     assert all(layer["output_rel_error"] >= 0 for layer in prov["layers"])
+
+
+@pytest.mark.parametrize("method", ["anchored", "anchored-o"])
+def test_anchored_methods_keep_the_heaviest_or_best_subset_as_anchors(method, tiny_models, merge_args, tmp_path):
+    prov = run_cli(tiny_models["qwen2_moe"], tmp_path / "out", "5", merge_args, "--method", method)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_experts == 5
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+    for layer in prov["layers"]:
+        assert sorted(i for g in layer["clusters"] for i in g) == list(range(8))
+        assert prov["method"] == method and len(layer["clusters"]) == 5

@@ -192,3 +192,11 @@ def test_least_squares_refit_reproduces_the_group_better_than_its_dominant_membe
 
     assert err(fitted) < 0.5 * err(base)
     assert torch.equal(fitted.down[1], ex.down[2]) and torch.equal(fitted.gate[0], ex.gate[0])
+
+
+def test_anchored_groups_join_the_nearest_anchor():
+    from hc_smoe_hub.methods import anchored_groups
+
+    features = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.5, 0.0], [9.0, 1.0], [0.0, 9.0]])
+    assert anchored_groups(features, [1, 0, 4]) == [[0, 2], [1, 3], [4]]
+    assert anchored_groups(features, [0, 1, 2, 3, 4]) == [[0], [1], [2], [3], [4]]
