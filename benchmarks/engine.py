@@ -25,6 +25,7 @@ import torch
 from hc_smoe_hub.checkpoint import SourceCheckpoint
 from hc_smoe_hub.synthetic import build_tiny_moe, calibration_text
 
+PAPER = {"method": "hc-smoe", "linkage": "average", "merge": "freq", "router": "fit"}
 SHAPE = {"hidden": 512, "intermediate_size": 1024, "num_local_experts": 8}
 CALIB = {"num_samples": 8, "seq_len": 512}
 
@@ -37,10 +38,12 @@ import json, sys, time, torch
 from pathlib import Path
 from hc_smoe_hub.calibration import CalibrationSpec
 from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
+from hc_smoe_hub.methods import MethodOptions
 torch.set_num_threads({threads})
 t = time.perf_counter()
 r = merge_checkpoint(MergeRequest(source={src!r}, keep="4", output_dir=Path({out!r}),
-    calibration=CalibrationSpec({calib!r}, {n}, {s}), device="cpu"))
+    calibration=CalibrationSpec({calib!r}, {n}, {s}), device="cpu", options=MethodOptions(**{options}),
+    sequential={sequential}))
 print(json.dumps({{"rss": {peak}, "wall": time.perf_counter() - t, "merge": r.timings["merge"]}}))
 """
 
@@ -102,15 +105,20 @@ def main() -> None:
                              num_key_value_heads=8)
         size = SourceCheckpoint(src).total_bytes()
         merged = child(CHILD_MERGE.format(peak=PEAK, threads=args.threads, src=str(src), out=str(tmp / f"o{depth}"),
-                                          calib=str(calib), n=CALIB["num_samples"], s=CALIB["seq_len"]))
+                                          calib=str(calib), n=CALIB["num_samples"], s=CALIB["seq_len"],
+                                          options={}, sequential=True))
+        paper = child(CHILD_MERGE.format(peak=PEAK, threads=args.threads, src=str(src), out=str(tmp / f"p{depth}"),
+                                         calib=str(calib), n=CALIB["num_samples"], s=CALIB["seq_len"],
+                                         options=PAPER, sequential=False))
         loaded = child(CHILD_LOAD.format(peak=PEAK, src=str(src)))
         floor = floor_seconds(src, CALIB["num_samples"] * CALIB["seq_len"], args.threads)
         rows[depth] = {"bytes": size, "merge_rss": merged["rss"], "load_rss": loaded["rss"],
-                       "merge_s": merged["merge"], "floor_s": floor}
+                       "merge_s": merged["merge"], "paper_s": paper["merge"], "floor_s": floor}
     d_bytes = rows[deep]["bytes"] - rows[shallow]["bytes"]
     merge_growth = (rows[deep]["merge_rss"] - rows[shallow]["merge_rss"]) / d_bytes
     load_growth = (rows[deep]["load_rss"] - rows[shallow]["load_rss"]) / d_bytes
     ratio = rows[deep]["merge_s"] / rows[deep]["floor_s"]
+    paper_ratio = rows[deep]["paper_s"] / rows[deep]["floor_s"]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU only"
     lines = [
         f"Machine: {machine}; process baseline RSS {base / 2**20:.0f} MiB.",
@@ -118,17 +126,19 @@ def main() -> None:
         f"intermediate {SHAPE['intermediate_size']}, depth {shallow} and {deep}; keep 4; calibration "
         f"{CALIB['num_samples']} x {CALIB['seq_len']} tokens, device cpu.",
         "",
-        "| depth | checkpoint MiB | merge peak RSS MiB | from_pretrained peak RSS MiB | merge s | floor s |",
-        "|---|---|---|---|---|---|",
+        "| depth | checkpoint MiB | merge peak RSS MiB | from_pretrained peak RSS MiB | default merge s "
+        "| --paper merge s | floor s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for depth, r in rows.items():
         lines.append(f"| {depth} | {r['bytes'] / 2**20:.0f} | {r['merge_rss'] / 2**20:.0f} | "
-                     f"{r['load_rss'] / 2**20:.0f} | {r['merge_s']:.1f} | {r['floor_s']:.1f} |")
+                     f"{r['load_rss'] / 2**20:.0f} | {r['merge_s']:.1f} | {r['paper_s']:.1f} | {r['floor_s']:.1f} |")
     lines += [
         "",
         f"- peak RSS growth per extra checkpoint byte: merge **{merge_growth:.3f}** (goal <= 0.10), "
         f"whole-model from_pretrained {load_growth:.3f}",
-        f"- merge time / floor at depth {deep}: **{ratio:.2f}** (goal <= 1.5)",
+        f"- merge time / floor at depth {deep}: HC-SMoE as in the paper (`--paper`) **{paper_ratio:.2f}** "
+        f"(goal <= 1.5); the default method (anchored-o, fix-dom-lsq, fitted router, sequential) **{ratio:.2f}**",
     ]
     report = "\n".join(lines)
     print(report)

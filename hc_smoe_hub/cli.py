@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
 
     m = p.add_argument_group("method")
-    m.add_argument("--method", default="hc-smoe", choices=sorted(METHODS), help="expert reduction method")
+    m.add_argument("--method", default=DEFAULTS.method, choices=sorted(METHODS),
+                   help=f"expert reduction method (default {DEFAULTS.method}; the paper's is hc-smoe)")
     m.add_argument("--linkage", default="average", choices=LINKAGES)
     m.add_argument("--metric", default="euclidean", choices=METRICS)
     m.add_argument("--merge", default=DEFAULTS.merge, choices=MERGE_MODES,

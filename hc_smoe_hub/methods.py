@@ -20,12 +20,12 @@ from hc_smoe_hub.stats import LayerStats
 
 @dataclass(frozen=True)
 class MethodOptions:
-    method: str = "hc-smoe"
+    method: str = "anchored-o"
     linkage: str = "average"
     metric: str = "euclidean"
     # The defaults are the configuration that measured best on the demo models (benchmarks/RESULTS.md);
-    # the paper's own configuration is merge="freq" with one-shot calibration (`hc-smoe-push --paper`).
-    merge: str = "freq-lsq"
+    # the paper's own configuration is method="hc-smoe", merge="freq", one-shot (`hc-smoe-push --paper`).
+    merge: str = "fix-dom-lsq"
     router: str = "fit"
     paper_frequency: bool = False  # count frequencies over top-2 as the official code does (reproduction only)
     seed: int = 42

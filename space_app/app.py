@@ -508,7 +508,7 @@ def suggest_repo(source: str, keep: str, method: str, profile: gr.OAuthProfile |
     source, keep = (source or "").strip(), str(keep or "").strip()
     if not source or not keep:
         return ""
-    name = default_repo_name(source, method or "hc-smoe", keep)
+    name = default_repo_name(source, method or MethodOptions().method, keep)
     return f"{profile.username}/{name}" if profile is not None else name
 
 
@@ -544,7 +544,7 @@ def build_demo() -> gr.Blocks:
                              info="filled in from your account and the source; edit it to push elsewhere")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                method = gr.Dropdown(sorted(METHODS), value="hc-smoe", label="Method")
+                method = gr.Dropdown(sorted(METHODS), value=MethodOptions().method, label="Method")
                 linkage = gr.Dropdown(list(LINKAGES), value="average", label="Linkage")
                 merge = gr.Dropdown(list(MERGE_MODES), value=MethodOptions().merge, label="Expert merge")
                 router = gr.Dropdown(list(ROUTER_MODES), value=MethodOptions().router, label="Router strategy")

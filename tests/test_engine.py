@@ -100,7 +100,7 @@ def test_non_expert_tensors_are_copied_byte_for_byte(tiny_models, merge_args, tm
 @pytest.mark.parametrize("mode", ["freq", "average"])
 def test_merged_weights_follow_the_formula(mode, tiny_models, merge_args, tmp_path):
     src, out = tiny_models["mixtral"], tmp_path / "out"
-    prov = run_cli(src, out, "4", merge_args, "--merge", mode)
+    prov = run_cli(src, out, "4", merge_args, "--method", "hc-smoe", "--merge", mode)
     a, b = tensors(src), tensors(out)
     for layer in prov["layers"]:
         freqs = torch.tensor(layer["frequencies"], dtype=torch.float64)
@@ -132,7 +132,7 @@ def test_planted_copies_end_in_one_cluster(tmp_path, merge_args):
     shutil.copy(tmp_path / "tok" / "tokenizer.json", src)
     shutil.copy(tmp_path / "tok" / "tokenizer_config.json", src)
     for linkage in ("average", "single", "complete", "ward"):
-        prov = run_cli(src, tmp_path / linkage, "5", merge_args, "--linkage", linkage)
+        prov = run_cli(src, tmp_path / linkage, "5", merge_args, "--method", "hc-smoe", "--linkage", linkage)
         for layer in prov["layers"]:
             assert [0, 2, 5] in layer["clusters"] and [4, 7] in layer["clusters"], (linkage, layer["clusters"])
 
@@ -163,7 +163,8 @@ def test_sequential_and_one_shot_differ_only_after_the_first_layer(tiny_models, 
 
 
 def test_provenance_records_settings_and_versions(tiny_models, merge_args, tmp_path):
-    prov = run_cli(tiny_models["mixtral"], tmp_path / "out", "0.5", merge_args, "--linkage", "single",
+    prov = run_cli(tiny_models["mixtral"], tmp_path / "out", "0.5", merge_args, "--method", "hc-smoe",
+                   "--linkage", "single",
                    "--router", "mean", "--merge", "fix-dom")
     assert prov["experts_before"] == 8 and prov["experts_after"] == 4
     assert prov["options"]["linkage"] == "single" and prov["options"]["router"] == "mean"
@@ -182,3 +183,12 @@ def test_anchored_methods_keep_the_heaviest_or_best_subset_as_anchors(method, ti
     for layer in prov["layers"]:
         assert sorted(i for g in layer["clusters"] for i in g) == list(range(8))
         assert prov["method"] == method and len(layer["clusters"]) == 5
+
+
+def test_paper_flag_runs_hc_smoe_as_published_and_defaults_are_the_measured_ones(tiny_models, merge_args, tmp_path):
+    paper = run_cli(tiny_models["mixtral"], tmp_path / "paper", "4", merge_args, "--paper")
+    assert paper["method"] == "hc-smoe" and paper["sequential"] is False
+    assert paper["options"]["merge"] == "freq" and paper["options"]["linkage"] == "average"
+    default = run_cli(tiny_models["mixtral"], tmp_path / "default", "4", merge_args)
+    assert default["method"] == "anchored-o" and default["options"]["merge"] == "fix-dom-lsq"
+    assert default["options"]["router"] == "fit" and default["sequential"] is True
