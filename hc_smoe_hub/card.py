@@ -311,21 +311,27 @@ def _cluster_rows(clusters: list[list[list[int]]] | dict[int, list[list[int]]]) 
 def _method_description(inputs: CardInputs) -> str:
     if inputs.method_description:
         return inputs.method_description
+    from hc_smoe_hub.merging import MERGE_DESCRIPTIONS, ROUTER_DESCRIPTIONS
+    from hc_smoe_hub.methods import METHOD_DESCRIPTIONS
+
     s = inputs.settings
     if inputs.method == "hc-smoe":
         linkage, metric = s.get("linkage", "average"), s.get("metric", "euclidean")
-        merge, router = s.get("merge", "freq"), s.get("router", "n/a")
-        from hc_smoe_hub.merging import MERGE_DESCRIPTIONS, ROUTER_DESCRIPTIONS
-
-        merge_text = MERGE_DESCRIPTIONS.get(merge, "")
-        router_text = ROUTER_DESCRIPTIONS.get(router, "")
-        calibration = ("each layer calibrated on the outputs of the already reduced layers before it"
-                       if s.get("sequential") else "every layer calibrated on the original model's hidden states")
-        return (f"hierarchical clustering ({linkage} linkage, {metric} distance) of the experts' average "
-                f"outputs on the calibration tokens, then `{merge}` merging of each cluster into one expert"
-                f"{' (' + merge_text + ')' if merge_text else ''}; router rows: `{router}`"
-                f"{' (' + router_text + ')' if router_text else ''}; {calibration}.")
-    return f"the `{inputs.method}` expert reduction (every setting is listed below)."
+        grouping = (f"hierarchical clustering ({linkage} linkage, {metric} distance) of the experts' average "
+                    "outputs on the calibration tokens")
+    elif inputs.method in ("anchored", "anchored-o"):
+        grouping = METHOD_DESCRIPTIONS[inputs.method].split(": ", 1)[-1]
+    else:
+        known = METHOD_DESCRIPTIONS.get(inputs.method)
+        return f"{known}." if known else f"the `{inputs.method}` expert reduction (every setting is listed below)."
+    merge, router = s.get("merge", "freq"), s.get("router", "n/a")
+    merge_text = MERGE_DESCRIPTIONS.get(merge, "")
+    router_text = ROUTER_DESCRIPTIONS.get(router, "")
+    calibration = ("each layer calibrated on the outputs of the already reduced layers before it"
+                   if s.get("sequential") else "every layer calibrated on the original model's hidden states")
+    return (f"{grouping}, then `{merge}` merging of each group into one expert"
+            f"{' (' + merge_text + ')' if merge_text else ''}; router rows: `{router}`"
+            f"{' (' + router_text + ')' if router_text else ''}; {calibration}.")
 
 
 def _calibration(inputs: CardInputs) -> str:
