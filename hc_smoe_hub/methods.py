@@ -140,7 +140,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "merged into one expert",
     "anchored": "anchored merging (hc-smoe-hub): the experts with the largest router probability mass anchor the "
     "groups, every other expert joins the anchor with the nearest mean output, each group merged into its anchor",
-    "anchored-o": "anchored merging (hc-smoe-hub) with O-prune's best-reconstructing subset as the anchors",
+    "anchored-o": "anchored merging (hc-smoe-hub): the K experts whose re-routed output best reconstructs the layer's "
+    "(O-prune's subset) anchor the groups, every other expert joins the anchor with the nearest mean output",
 }
 
 # Baseline methods (f-prune, s-prune, o-prune, reap, m-smoe, diversify, random) register themselves on import.
