@@ -131,6 +131,7 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     from hc_smoe_hub.architectures import spec_for
     from hc_smoe_hub.merge import is_hub_id, parse_keep, resolve_source
 
+    notify("download")
     if is_hub_id(mreq.source):
         from hc_smoe_hub import hub
 
@@ -138,7 +139,6 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
         config = hub.fetch_config(mreq.source, revision=mreq.revision, token=mreq.token)
         parse_keep(mreq.keep, spec_for(config).num_experts(config))
 
-    notify("download")
     t = time.perf_counter()
     src_dir, revision = resolve_source(mreq.source, mreq.revision, mreq.token)
     mreq.revision = revision

@@ -16,9 +16,14 @@ from pathlib import Path
 
 import pytest
 from test_hub import hf_env, hub  # noqa: F401  (pytest fixtures)
-from test_space import SOURCE, TARGET, local_env, pytestmark, space  # noqa: F401  (fixtures, warning filters)
+from test_space import SOURCE, local_env, pytestmark, space  # noqa: F401  (fixtures, warning filters)
 
 from hc_smoe_hub.demo import task_dir
+from hc_smoe_hub.methods import MethodOptions
+from hc_smoe_hub.pipeline import default_repo_name
+
+# The form is left at its default method, so the suggested name carries that method's name.
+TARGET = "alice/" + default_repo_name(SOURCE, MethodOptions().method, "2")
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
