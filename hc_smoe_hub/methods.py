@@ -14,7 +14,7 @@ import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
 from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, refit_down, router_rows, weighted_merge
-from hc_smoe_hub.routing import Activation, Experts, Routing, route
+from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
 from hc_smoe_hub.stats import LayerStats
 
 
@@ -129,10 +129,36 @@ def anchored_o(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     return merge_groups(ctx, anchored_groups(ctx.stats.features, anchors), opts)
 
 
+def plan_error(ctx: LayerContext, plan: LayerPlan) -> float:
+    """Relative error of the plan's routed block output against the original's, on the sampled tokens."""
+    rows, ref = ctx.stats.sample_rows, ctx.stats.sampled_output
+    if rows is None or ref is None:
+        raise ValueError("the statistics were collected without a token sample")
+    xs = ctx.x[rows]
+    reduced = Routing(min(ctx.routing.top_k, ctx.keep), ctx.routing.renormalize)
+    out = moe_output(xs, plan.experts.to(dtype=xs.dtype), plan.router, reduced, ctx.act)
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-12))
+
+
+def best_grouping(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
+    """Per layer, the better of HC-SMoE's clusters and O-prune anchors, both merged per `--merge`.
+
+    Each candidate is judged by the relative error of the layer's routed output on the calibration sample, after its
+    merge (so both are compared as they would be written).
+    """
+    candidates = {name: METHODS[name](ctx, opts) for name in ("hc-smoe", "anchored-o")}
+    errors = {name: plan_error(ctx, plan) for name, plan in candidates.items()}
+    chosen = min(errors, key=lambda name: (errors[name], name))
+    plan = candidates[chosen]
+    plan.extra = {**plan.extra, "grouping": chosen, "grouping_errors": {k: round(v, 6) for k, v in errors.items()}}
+    return plan
+
+
 METHODS: dict[str, Callable[[LayerContext, MethodOptions], LayerPlan]] = {
     "hc-smoe": hc_smoe,
     "anchored": anchored,
     "anchored-o": anchored_o,
+    "best-grouping": best_grouping,
 }
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
@@ -142,6 +168,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "groups, every other expert joins the anchor with the nearest mean output, each group merged into its anchor",
     "anchored-o": "anchored merging (hc-smoe-hub): the K experts whose re-routed output best reconstructs the layer's "
     "(O-prune's subset) anchor the groups, every other expert joins the anchor with the nearest mean output",
+    "best-grouping": "per layer, the better (lower routed-output error on calibration tokens after merging) of "
+    "HC-SMoE's clusters and anchored-o's groups",
 }
 
 # Baseline methods (f-prune, s-prune, o-prune, reap, m-smoe, diversify, random) register themselves on import.

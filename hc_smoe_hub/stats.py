@@ -23,6 +23,7 @@ class LayerStats:
     router_logits: torch.Tensor  # (T, N) fp32
     tokens: int
     sampled_output: torch.Tensor | None = None  # (S, H) fp32 routed block output on the sampled rows
+    sample_rows: torch.Tensor | None = None  # (S,) which calibration tokens those are
 
     @property
     def frequencies(self) -> torch.Tensor:
@@ -81,4 +82,4 @@ def collect(
                 sampled[pos[keep]] += y[keep] * w[rows[keep], None]
     features = torch.einsum("ni,nhi->nh", hidden_sum / x.shape[0], experts.down.float())
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
-    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled)
+    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled, sample_rows)

@@ -192,3 +192,13 @@ def test_paper_flag_runs_hc_smoe_as_published_and_defaults_are_the_measured_ones
     default = run_cli(tiny_models["mixtral"], tmp_path / "default", "4", merge_args)
     assert default["method"] == "anchored-o" and default["options"]["merge"] == "fix-dom-lsq"
     assert default["options"]["router"] == "fit" and default["sequential"] is True
+
+
+def test_best_grouping_keeps_the_candidate_with_the_lower_error(tiny_models, merge_args, tmp_path):
+    prov = run_cli(tiny_models["mixtral"], tmp_path / "out", "4", merge_args, "--method", "best-grouping")
+    for layer in prov["layers"]:
+        errors = layer["grouping_errors"]
+        assert set(errors) == {"hc-smoe", "anchored-o"}
+        assert errors[layer["grouping"]] == min(errors.values())
+        # the recorded error of the written layer is the chosen candidate's (same sample, same routing)
+        assert abs(layer["output_rel_error"] - errors[layer["grouping"]]) < 1e-4
