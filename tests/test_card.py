@@ -21,7 +21,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import validate_repo_id
 
 from hc_smoe_hub import card as card_mod
-from hc_smoe_hub.card import (
+from hc_smoe_hub.card import (  # write_eval_figure lives in eval_table, re-exported by card
     ARXIV_URL,
     CardInputs,
     inherit_license,
