@@ -27,6 +27,8 @@ from hc_smoe_hub.merge import PROVENANCE_NAME, MergeRequest, MergeResult, merge_
 log = logging.getLogger(__name__)
 
 EVAL_RESULTS_NAME = "eval_results.json"
+# The stages `run_job` reports through `on_stage`, in order (evaluation and push only when asked for).
+STAGES = ("access", "download", "merge", "evaluate original", "evaluate merged", "card", "push")
 
 
 @dataclass

@@ -65,13 +65,12 @@ from hc_smoe_hub.evaluation import PAPER_TASKS, EvalSettings, headline
 from hc_smoe_hub.merge import REPO_ID, MergeRequest, parse_keep, read_config
 from hc_smoe_hub.merging import MERGE_MODES, ROUTER_MODES
 from hc_smoe_hub.methods import METHODS, MethodOptions
-from hc_smoe_hub.pipeline import JobRequest, default_repo_name, run_job
+from hc_smoe_hub.pipeline import STAGES, JobRequest, default_repo_name, run_job
 
 log = logging.getLogger("hc_smoe_space")
 
 PACKAGE_LOGGER = "hc_smoe_hub"
 # The stages `run_job` reports through `on_stage`, in order.
-STAGES = ("access", "download", "merge", "evaluate original", "evaluate merged", "card", "push")
 # The access token gradio's local login mock puts in the session (gradio/oauth.py, `_get_mocked_oauth_info`).
 MOCK_OAUTH_TOKEN = "mock-oauth-token-for-local-dev"
 # A ZeroGPU "large" slice is half an H200; CUDA is invisible outside @spaces.GPU there, so it cannot be measured.
