@@ -186,6 +186,13 @@ def _flatten(raw: Mapping[str, Any], requested: Sequence[str], manager: Any) -> 
     return results
 
 
+def check_tasks(settings: EvalSettings) -> None:
+    """Refuse unknown task names and a missing task folder now, before any merge runs."""
+    if not settings.tasks:
+        raise HcSmoeError("no evaluation tasks given: name at least one lm-eval task")
+    _task_manager(_import_lm_eval()[2], settings)
+
+
 def evaluate(model: Any, tokenizer: Any, settings: EvalSettings) -> Results:
     """Score a loaded causal LM on `settings.tasks` with lm-eval, in process: `{task: {metric: value}}`."""
     if not settings.tasks:

@@ -146,9 +146,9 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     mreq.revision = revision
     _stage(timings, "download", t)
     if request.evaluation is not None:
-        from hc_smoe_hub import evaluation  # fail now, not after the merge, if lm-eval is missing
+        from hc_smoe_hub import evaluation
 
-        evaluation._import_lm_eval()
+        evaluation.check_tasks(request.evaluation)  # a missing lm-eval or task fails now, not after the merge
 
     results: dict[str, Any] = {}
 

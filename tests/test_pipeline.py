@@ -129,3 +129,14 @@ def test_dense_or_bad_keep_on_the_hub_is_refused_before_the_weights_download(see
     argv = job_args(tmp_path, calib_file, "--token", ALICE, "--no-push")
     refused(capsys, ["upstream/dense", *argv[1:]], tmp_path / "out", "llama", "not a supported")
     assert not any(path.endswith(".safetensors") for _method, path in seeded.requests if "/resolve/" in path)
+
+
+def test_unknown_eval_task_is_refused_before_the_merge(tmp_path, calib_file, capsys):
+    src = build_tiny_moe(tmp_path / "src", "mixtral")
+    argv = [str(src), "--keep", "4", "--output-dir", str(tmp_path / "out"), "--no-push", "--calibration",
+            str(calib_file), "--num-samples", "4", "--seq-len", "64", "--tasks", "no_such_task",
+            "--include-path", str(task_dir())]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm-eval task(s): no_such_task" in err and "merging layers" not in err
+    assert not (tmp_path / "out").exists()
