@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 from hc_smoe_hub.architectures import ArchSpec
-from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint, dtype_name
+from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
 from hc_smoe_hub.routing import Experts, Routing, moe_output
@@ -345,8 +345,3 @@ class StreamingMerger:
             raise RuntimeError(f"method {self.s.options.method} returned a plan of the wrong size")
         if plan.experts.gate.shape[1:] != experts.gate.shape[1:]:
             raise RuntimeError("merged experts changed shape")
-
-
-def dtype_of_source(source: SourceCheckpoint, spec: ArchSpec, layer: int) -> torch.dtype:
-    name = source.tensors[spec.router_key(layer)].dtype
-    return next(dt for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64) if dtype_name(dt) == name)
