@@ -91,7 +91,8 @@ def build_blocks(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
             text = doc[spec.text_field] if isinstance(doc, dict) else doc
             if not text:
                 continue
-            new = tokenizer(text)["input_ids"]
+            # verbose=False: whole documents are longer than the model context on purpose; blocks are cut below.
+            new = tokenizer(text, verbose=False)["input_ids"]
             bar.update(min(len(new), need - len(ids)))
             ids.extend(new)
             if len(ids) >= need:
