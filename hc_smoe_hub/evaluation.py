@@ -21,6 +21,7 @@ import logging
 import numbers
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -187,9 +188,16 @@ def _flatten(raw: Mapping[str, Any], requested: Sequence[str], manager: Any) -> 
 
 
 def check_tasks(settings: EvalSettings) -> None:
-    """Refuse unknown task names and a missing task folder now, before any merge runs."""
+    """Refuse bad settings, unknown task names and a missing task folder now, before any merge runs."""
     if not settings.tasks:
         raise HcSmoeError("no evaluation tasks given: name at least one lm-eval task")
+    if settings.limit is not None and not settings.limit > 0:
+        raise HcSmoeError(f"--limit must be a positive count or a fraction in (0, 1), got {settings.limit}")
+    if settings.num_fewshot < 0:
+        raise HcSmoeError(f"--num-fewshot must be 0 or more, got {settings.num_fewshot}")
+    batch = str(settings.batch_size)
+    if not ((batch.isdigit() and int(batch) > 0) or batch == "auto" or re.fullmatch(r"auto:\d+", batch)):
+        raise HcSmoeError(f"--eval-batch-size must be a positive number, 'auto' or 'auto:N', got '{batch}'")
     _task_manager(_import_lm_eval()[2], settings)
 
 

@@ -165,6 +165,8 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None,
         max_shard = parse_size(request.max_shard_size)
     except ValueError as exc:
         raise HcSmoeError(f"--max-shard-size: {exc}") from None
+    if max_shard <= 0:
+        raise HcSmoeError(f"--max-shard-size must be positive, got '{request.max_shard_size}'")
 
     from transformers import AutoTokenizer
 

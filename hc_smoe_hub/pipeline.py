@@ -133,6 +133,11 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     from hc_smoe_hub.architectures import spec_for
     from hc_smoe_hub.merge import is_hub_id, parse_keep, resolve_source
 
+    if request.evaluation is not None:
+        from hc_smoe_hub import evaluation
+
+        evaluation.check_tasks(request.evaluation)  # a missing lm-eval or task fails now, not after the merge
+
     notify("download")
     if is_hub_id(mreq.source):
         from hc_smoe_hub import hub
@@ -145,10 +150,6 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     src_dir, revision = resolve_source(mreq.source, mreq.revision, mreq.token)
     mreq.revision = revision
     _stage(timings, "download", t)
-    if request.evaluation is not None:
-        from hc_smoe_hub import evaluation
-
-        evaluation.check_tasks(request.evaluation)  # a missing lm-eval or task fails now, not after the merge
 
     results: dict[str, Any] = {}
 

@@ -136,3 +136,21 @@ def test_full_disk_is_refused_before_compute(tiny_models, tmp_path, capsys, merg
     out = tmp_path / "out"
     refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), *merge_args], out,
            "disk space")
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--limit", "0"], "--limit"),
+    (["--eval-batch-size", "abc"], "--eval-batch-size"),
+    (["--num-fewshot", "-1"], "--num-fewshot"),
+    (["--max-shard-size", "0"], "--max-shard-size"),
+])
+def test_bad_evaluation_and_output_settings_are_refused_before_compute(extra, words, tiny_models, calib_file, tmp_path,
+                                                                     capsys):
+    from hc_smoe_hub.demo import task_dir
+
+    out = tmp_path / "out"
+    argv = [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push", "--calibration",
+            str(calib_file), "--num-samples", "2", "--seq-len", "32", "--tasks", "demo_mc", "--include-path",
+            str(task_dir()), *extra]
+    line = refuse(capsys, argv, out, words)
+    assert "merging layers" not in line
