@@ -197,8 +197,11 @@ def check_push_access(
     return target
 
 
-def fetch_config(repo_id: str, *, revision: str | None, token: str | None) -> dict[str, Any]:
-    """Only the source's config.json, so an unsupported model or a wrong --keep is refused before the download."""
+def source_summary(repo_id: str, *, revision: str | None, token: str | None) -> tuple[dict[str, Any], int]:
+    """(config.json, bytes of safetensors weights) of a Hub model, without downloading the weights.
+
+    An unsupported model, a wrong --keep or a model too large for the machine is refused from these alone.
+    """
     import json
 
     from huggingface_hub import hf_hub_download
@@ -206,12 +209,20 @@ def fetch_config(repo_id: str, *, revision: str | None, token: str | None) -> di
     token = resolve_token(token)
     endpoint = hub_endpoint()
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=revision, token=token or False, endpoint=endpoint)
-        return json.loads(Path(path).read_text())
+        info = _api(token).model_info(repo_id, revision=revision, token=token or False, files_metadata=True)
+        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+        path = hf_hub_download(repo_id, "config.json", revision=info.sha or revision, token=token or False,
+                               endpoint=endpoint)
+        return json.loads(Path(path).read_text()), size
     except ValueError:
         raise SourceError(f"the config.json of {repo_id} is not valid JSON") from None
     except Exception as exc:
         _raise_download_error(exc, repo_id, revision, token, endpoint)
+
+
+def fetch_config(repo_id: str, *, revision: str | None, token: str | None) -> dict[str, Any]:
+    """Only the source's config.json, so an unsupported model or a wrong --keep is refused before the download."""
+    return source_summary(repo_id, revision=revision, token=token)[0]
 
 
 def download_source(

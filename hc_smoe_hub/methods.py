@@ -69,6 +69,13 @@ class LayerPlan:
 def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions) -> LayerPlan:
     """Merge each group into one expert and patch the router, as `opts.merge` and `opts.router` say."""
     freqs = ctx.stats.frequencies
+    token_sets: list[torch.Tensor] = []
+
+    def group_tokens() -> list[torch.Tensor]:  # gathered once, shared by the alignment and the refit
+        if not token_sets:
+            token_sets.extend(ctx.routed_tokens(g) for g in groups)
+        return token_sets
+
     base_mode, refit = (opts.merge[: -len("-lsq")], True) if opts.merge.endswith("-lsq") else (opts.merge, False)
     if base_mode == "freq":
         experts = weighted_merge(ctx.experts, groups, freqs)
@@ -77,13 +84,11 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     elif base_mode == "dominant":
         experts = dominant_merge(ctx.experts, groups, freqs)
     elif base_mode == "fix-dom":
-        experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, [ctx.routed_tokens(g) for g in groups],
-                                ctx.act)
+        experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.act)
     else:
         raise ValueError(f"unknown merge mode {opts.merge}")
     if refit:
-        experts = refit_down(ctx.experts, experts, groups, [ctx.routed_tokens(g) for g in groups], ctx.router,
-                             ctx.act)
+        experts = refit_down(ctx.experts, experts, groups, group_tokens(), ctx.router, ctx.act)
     router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x)
     return LayerPlan(groups, experts, router)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import queue
@@ -52,7 +51,6 @@ except ModuleNotFoundError:
 
 import gradio as gr
 import torch
-from huggingface_hub import HfApi
 
 from hc_smoe_hub import hub
 from hc_smoe_hub.architectures import SPECS, spec_for
@@ -118,12 +116,9 @@ def inspect_source(source: str, token: str | None) -> SourceFacts | None:
     if not REPO_ID.match(source):
         return None
     try:
-        api = HfApi(endpoint=hub.hub_endpoint(), token=token or False)
-        info = api.model_info(source, files_metadata=True)
-        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
-        config = json.loads(Path(api.hf_hub_download(source, "config.json", revision=info.sha)).read_text())
-    except Exception as exc:  # any failure here is reported better by the download stage of run_job
-        log.info("could not inspect %s before the job (%s); the download stage will tell", source, type(exc).__name__)
+        config, size = hub.source_summary(source, revision=None, token=token)
+    except HcSmoeError as exc:  # reported, with its own message, by the download stage of run_job
+        log.info("could not inspect %s before the job (%s); the download stage will tell", source, exc)
         return None
     return SourceFacts(config, size)
 
