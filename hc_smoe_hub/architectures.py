@@ -27,6 +27,7 @@ class ArchSpec:
     moe_disk: str = "mlp"
     moe_module: str = "mlp"
     moe_norm_module: str = "post_attention_layernorm"  # the norm whose output feeds the MoE block
+    experts_module: str = "experts"  # the routed experts inside the MoE block, called (hidden, top_k_index, weights)
     router: str = "gate.weight"
     expert_gate: str = "experts.{e}.gate_proj.weight"
     expert_up: str = "experts.{e}.up_proj.weight"

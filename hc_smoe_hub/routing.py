@@ -52,7 +52,8 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Tensor:
     """Intermediate activations act(x W_gate^T) * (x W_up^T) of one expert: (T, I)."""
-    return act(x @ gate.T) * (x @ up.T)
+    # In place: this (T, I) product is the largest temporary of the statistics pass; one buffer fewer per call.
+    return act(x @ gate.T).mul_(x @ up.T)
 
 
 def expert_output(x: torch.Tensor, experts: Experts, i: int, act: Activation) -> torch.Tensor:

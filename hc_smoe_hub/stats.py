@@ -24,6 +24,7 @@ class LayerStats:
     tokens: int
     sampled_output: torch.Tensor | None = None  # (S, H) fp32 routed block output on the sampled rows
     sample_rows: torch.Tensor | None = None  # (S,) which calibration tokens those are
+    routed_output: torch.Tensor | None = None  # (T, H) fp32 routed block output on every token, when asked for
 
     @property
     def frequencies(self) -> torch.Tensor:
@@ -40,6 +41,7 @@ def collect(
     freq_top_k: int | None = None,
     chunk: int = 8192,
     sample_rows: torch.Tensor | None = None,
+    routed_output: bool = False,
 ) -> LayerStats:
     """Statistics of one MoE layer on its input hidden states x (T, H), in x's dtype with fp32 sums.
 
@@ -64,6 +66,8 @@ def collect(
         in_sample[sample_rows] = True
         sample_pos = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         sample_pos[sample_rows] = torch.arange(len(sample_rows), device=x.device)
+    full = torch.zeros(x.shape[0], experts.down.shape[1], dtype=torch.float32, device=x.device) \
+        if routed_output else None
     for i in range(n):
         for s in range(0, x.shape[0], chunk):
             h = expert_hidden(x[s : s + chunk], experts.gate[i], experts.up[i], act)
@@ -76,10 +80,12 @@ def collect(
                 continue
             y = (h[rows] @ experts.down[i].T).float()
             saliency[i] += (w[rows] * y.norm(dim=-1)).sum()
+            if full is not None:
+                full.index_add_(0, rows + s, y * w[rows, None])
             if sampled is not None:
                 pos = sample_pos[rows + s]
                 keep = pos >= 0
                 sampled[pos[keep]] += y[keep] * w[rows[keep], None]
     features = torch.einsum("ni,nhi->nh", hidden_sum / x.shape[0], experts.down.float())
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
-    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled, sample_rows)
+    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled, sample_rows, full)

@@ -81,6 +81,24 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+class _PrecomputedExperts(nn.Module):
+    """Stands in for a MoE block's routed experts and returns outputs computed beforehand, one batch per call.
+
+    The statistics pass already runs every expert on every calibration token, so the original block's routed
+    output is known; the block itself then only adds what is not routed (Qwen's gated shared expert).
+    """
+
+    def __init__(self, outputs: torch.Tensor):
+        super().__init__()
+        self.outputs, self.start = outputs, 0
+
+    def forward(self, hidden_states: torch.Tensor, *_routing: Any) -> torch.Tensor:
+        n = hidden_states.shape[0]
+        out = self.outputs[self.start : self.start + n].to(hidden_states.dtype)
+        self.start += n
+        return out
+
+
 class StreamingMerger:
     """Runs one merge from a source checkpoint into a planned writer."""
 
@@ -102,6 +120,10 @@ class StreamingMerger:
         if not self.moe_layers:
             raise SourceError(f"no router weights ({spec.router_key(0)}) in the checkpoint: is it really "
                               f"a {spec.family} MoE?")
+        # The skeleton is built up front: it imports the model class, and a model transformers cannot build
+        # fails here, before any calibration.
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.hf_config)
         for layer in self.moe_layers:
             for e in range(self.n_experts):
                 for key in spec.expert_keys(layer, e):
@@ -141,8 +163,7 @@ class StreamingMerger:
         for key in self._ordered_keys():
             if not key.startswith(self.spec.layers_prefix):
                 writer.write_chunks(key, self.src.copy_raw(key))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.hf_config)
+        model = self.model
         # The reduced layers must dispatch their experts the way the loaded model would.
         self.reduced_hf_config._experts_implementation = model.config._experts_implementation
         rotary = _module(model, self.spec.rotary_module)
@@ -303,14 +324,15 @@ class StreamingMerger:
         experts = Experts(*(torch.stack([tensors[keys3[j]] for keys3 in per_expert]) for j in range(3)))
         router = tensors[spec.router_key(layer_idx)]
         moe_prefix = spec.moe_module + "."
-        pre_moe = {k: v for k, v in self._layer_state(layer_idx, tensors, None, None).items()
-                   if not k.startswith(moe_prefix)}
+        unfused = self._layer_state(layer_idx, tensors, None, None)
+        pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
         x = self._run_to_moe(layers[layer_idx], pre_moe, hidden, kwargs)
         cdt = self.s.compute_dtype
         compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
         freq_top_k = 2 if self.s.options.paper_frequency else None
         sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
-        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
+        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample,
+                        routed_output=not self.s.sequential)
         ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
         plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
@@ -332,11 +354,20 @@ class StreamingMerger:
             block_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
             with torch.device("meta"):
                 block = type(layers[layer_idx].get_submodule(spec.moe_module))(self.reduced_hf_config)
+            block_state = {k[len(moe_prefix):]: v for k, v in block_state.items() if k.startswith(moe_prefix)}
+            self._add_moe_block(block, block_state, hidden, x)
         else:
-            block_state = self._layer_state(layer_idx, tensors, experts, router)
+            # One-shot: the original block's routed output was assembled by the statistics pass.
             block = layers[layer_idx].get_submodule(spec.moe_module)
-        block_state = {k[len(moe_prefix):]: v for k, v in block_state.items() if k.startswith(moe_prefix)}
-        self._add_moe_block(block, block_state, hidden, x)
+            experts_prefix = moe_prefix + spec.experts_module + "."
+            block_state = {k[len(moe_prefix):]: v for k, v in unfused.items()
+                           if k.startswith(moe_prefix) and not k.startswith(experts_prefix)}
+            original = block.get_submodule(spec.experts_module)
+            _set_module(block, spec.experts_module, _PrecomputedExperts(stats.routed_output))
+            try:
+                self._add_moe_block(block, block_state, hidden, x)
+            finally:
+                _set_module(block, spec.experts_module, original)
         return LayerRecord(layer_idx, plan.groups, stats.frequencies.cpu().tolist(), error, 0.0, plan.extra)
 
     def _check_plan(self, plan: LayerPlan, experts: Experts, router: torch.Tensor) -> None:

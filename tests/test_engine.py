@@ -162,6 +162,37 @@ def test_sequential_and_one_shot_differ_only_after_the_first_layer(tiny_models, 
     assert seq["sequential"] is True and one["sequential"] is False
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_one_shot_carries_the_original_models_states_to_the_next_layer(family, tiny_models, merge_args, tmp_path):
+    """One-shot calibration reuses the statistics pass's routed output instead of re-running each MoE block: the
+    routing frequencies recorded for every layer must be those of the original model on the same calibration."""
+    from transformers import AutoTokenizer
+
+    from hc_smoe_hub.calibration import CalibrationSpec, build_blocks
+
+    src = tiny_models[family]
+    one = run_cli(src, tmp_path / "one", "3", merge_args, "--one-shot")
+    calib = merge_args[merge_args.index("--calibration") + 1]
+    blocks = build_blocks(AutoTokenizer.from_pretrained(src), CalibrationSpec(calib, 4, 64))
+    model = AutoModelForCausalLM.from_pretrained(src)
+    counts: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        if not hasattr(layer.mlp, "experts"):  # a dense layer of the tiny Qwen model
+            continue
+        n = model.config.num_local_experts if family == "mixtral" else model.config.num_experts
+
+        def hook(_m, _args, out, i=i, n=n):
+            counts[i] = torch.bincount(out[2].flatten(), minlength=n).float()
+
+        layer.mlp.gate.register_forward_hook(hook)
+    with torch.no_grad():
+        model(blocks)
+    assert len(one["layers"]) == len(counts) >= 2
+    for rec in one["layers"]:
+        expected = counts[rec["layer"]] / counts[rec["layer"]].sum()
+        assert torch.allclose(torch.tensor(rec["frequencies"]), expected, atol=2e-3), rec["layer"]
+
+
 def test_provenance_records_settings_and_versions(tiny_models, merge_args, tmp_path):
     prov = run_cli(tiny_models["mixtral"], tmp_path / "out", "0.5", merge_args, "--method", "hc-smoe",
                    "--linkage", "single",

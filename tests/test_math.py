@@ -123,6 +123,20 @@ def test_stats_use_the_real_top_k_unless_the_paper_switch_is_on():
     assert torch.allclose(real.features, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_statistics_pass_assembles_the_routed_block_output(renormalize):
+    g = torch.Generator().manual_seed(3)
+    ex = Experts(torch.randn(6, 16, 8, generator=g), torch.randn(6, 16, 8, generator=g),
+                 torch.randn(6, 8, 16, generator=g))
+    x, router = torch.randn(300, 8, generator=g), torch.randn(6, 8, generator=g)
+    stats = collect(x, ex, router, Routing(2, renormalize), ACT, chunk=64, routed_output=True,
+                    sample_rows=torch.arange(0, 300, 7))
+    expected = moe_output(x, ex, router, Routing(2, renormalize), ACT)
+    assert torch.allclose(stats.routed_output, expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(stats.sampled_output, expected[torch.arange(0, 300, 7)], rtol=1e-4, atol=1e-4)
+    assert collect(x, ex, router, Routing(2, renormalize), ACT).routed_output is None
+
+
 def test_moe_output_matches_transformers_block():
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
