@@ -85,34 +85,71 @@ def fix_dom_merge(
     neuron a is the mean of the dominant neuron and all neurons mapped to it (gate/up rows and down columns
     move together).
     """
-    gates, ups, downs = [], [], []
-    for g, x in zip(groups, x_per_group, strict=True):
-        dom = closest_to_centroid(g, features)
-        gate = experts.gate[dom].float().clone()
-        up = experts.up[dom].float().clone()
-        down = experts.down[dom].float().clone()
-        hits = torch.ones(gate.shape[0], device=gate.device)
-        others = [j for j in g if j != dom]
-        if others:
-            xf = x.float()
-            a_dom = _standardize(expert_hidden(xf, gate, up, act))
-            for j in others:
-                a_j = _standardize(expert_hidden(xf, experts.gate[j].float(), experts.up[j].float(), act))
-                corr = a_dom.T @ a_j / max(xf.shape[0], 1)  # (I_dom, I_j)
-                target = corr.argmax(dim=0)  # dominant neuron for each neuron of j
-                gate.index_add_(0, target, experts.gate[j].float())
-                up.index_add_(0, target, experts.up[j].float())
-                down.index_add_(1, target, experts.down[j].float())
-                hits.index_add_(0, target, torch.ones_like(target, dtype=hits.dtype))
-        gates.append(gate / hits[:, None])
-        ups.append(up / hits[:, None])
-        downs.append(down / hits[None, :])
-    dt = experts.gate.dtype
-    return Experts(torch.stack(gates).to(dt), torch.stack(ups).to(dt), torch.stack(downs).to(dt))
+    merged = [_fix_dom_group(experts, g, closest_to_centroid(g, features), x.float(), act)[0]
+              for g, x in zip(groups, x_per_group, strict=True)]
+    return _stack(merged, experts.gate.dtype)
+
+
+def _stack(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> Experts:
+    return Experts(*(torch.stack([m[j] for m in mats]).to(dtype) for j in range(3)))
+
+
+def _chunks(n: int, size: int = 4096) -> list[slice]:
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _group_weights(x: torch.Tensor, router: torch.Tensor, g: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each member's share of the group's router probability per token (T, |g|), and the group's mass (T, 1)."""
+    probs = torch.softmax(x @ router.float().T, dim=-1)[:, g]
+    mass = probs.sum(-1, keepdim=True).clamp(min=1e-12)
+    return probs / mass, mass
+
+
+def _fix_dom_group(
+    experts: Experts, g: list[int], dom: int, x: torch.Tensor, act: Activation, share: torch.Tensor | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """Fix-dom merge of one group on its tokens x (fp32). With `share` (T, |g|), the same pass also returns the
+    group's target for the least-squares refit, sum_j share_j E_j(x) (T, H): every member's activations are then
+    computed once for both, and only one member's (T, I) activations are held at a time besides the dominant's.
+    """
+    gate, up, down = (m[dom].float().clone() for m in (experts.gate, experts.up, experts.down))
+    hits = torch.ones(gate.shape[0], device=gate.device)
+    target = None
+    a_dom = expert_hidden(x, gate, up, act)
+    if share is not None:
+        target = (a_dom @ down.T) * share[:, g.index(dom), None]
+    # Standardized dominant activations: the correlation with member j's neuron b is then a_dom^T h_j[:, b] up to
+    # a positive factor of b alone (centring h_j changes nothing, a_dom's columns sum to zero), so the argmax
+    # over dominant neurons needs neither member statistics nor a second pass.
+    a_dom = _standardize(a_dom)
+    for j in (j for j in g if j != dom):
+        corr = torch.zeros(gate.shape[0], experts.gate.shape[1], device=x.device)
+        for c in _chunks(x.shape[0]):
+            h = expert_hidden(x[c], experts.gate[j].float(), experts.up[j].float(), act)
+            corr += a_dom[c].T @ h
+            if target is not None:
+                target[c] += (h @ experts.down[j].float().T) * share[c, g.index(j), None]
+        mapped = corr.argmax(dim=0)  # dominant neuron for each neuron of j
+        gate.index_add_(0, mapped, experts.gate[j].float())
+        up.index_add_(0, mapped, experts.up[j].float())
+        down.index_add_(1, mapped, experts.down[j].float())
+        hits.index_add_(0, mapped, torch.ones_like(mapped, dtype=hits.dtype))
+    return (gate / hits[:, None], up / hits[:, None], down / hits[None, :]), target
 
 
 def _standardize(a: torch.Tensor) -> torch.Tensor:
     return (a - a.mean(0)) / a.std(0).clamp(min=1e-6)
+
+
+def _group_target(experts: Experts, g: list[int], x: torch.Tensor, share: torch.Tensor,
+                  act: Activation) -> torch.Tensor:
+    """sum_j share_j E_j(x) over the group's members: what the group computed in the original model (T, H)."""
+    target = torch.zeros(x.shape[0], experts.down.shape[1], device=x.device)
+    for j, i in enumerate(g):
+        for c in _chunks(x.shape[0]):
+            y = expert_hidden(x[c], experts.gate[i].float(), experts.up[i].float(), act) @ experts.down[i].float().T
+            target[c] += share[c, j, None] * y
+    return target
 
 
 def router_rows(
@@ -170,6 +207,7 @@ def refit_down(
     router: torch.Tensor,
     act: Activation,
     ridge: float = 1e-3,
+    targets: list[torch.Tensor | None] | None = None,
 ) -> Experts:
     """Re-fit each merged expert's down projection by least squares so that it reproduces its whole group.
 
@@ -177,7 +215,7 @@ def refit_down(
     their router probabilities (sum_i p_i E_i(x) / sum_i p_i), on the tokens routed to the group; tokens are
     weighted by the group's probability mass. Gate and up stay as in `base` (their neurons are kept), only the
     linear down projection is solved, in closed form with a small ridge term towards stability. Singletons keep
-    their weights unchanged.
+    their weights unchanged. `targets` may hold targets already computed (by `fix_dom_refit`'s shared pass).
     """
     downs = []
     for c, (g, x) in enumerate(zip(groups, x_per_group, strict=True)):
@@ -185,17 +223,39 @@ def refit_down(
             downs.append(base.down[c].float())
             continue
         xf = x.float()
-        probs = torch.softmax(xf @ router.float().T, dim=-1)[:, g]  # (T, |g|)
-        mass = probs.sum(-1, keepdim=True).clamp(min=1e-12)
-        target = torch.zeros(xf.shape[0], experts.down.shape[1], device=xf.device)
-        for j, i in enumerate(g):
-            y = expert_hidden(xf, experts.gate[i].float(), experts.up[i].float(), act) @ experts.down[i].float().T
-            target += probs[:, j, None] / mass * y
-        h = expert_hidden(xf, base.gate[c].float(), base.up[c].float(), act)  # (T, I)
-        w = mass  # important tokens (where the group carries much probability) count more
-        gram = (h * w).T @ h
-        lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
-        rhs = (h * w).T @ target  # (I, H)
-        sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], device=gram.device), rhs)
-        downs.append(sol.T)
+        share, mass = _group_weights(xf, router, g)
+        target = targets[c] if targets is not None and targets[c] is not None else \
+            _group_target(experts, g, xf, share, act)
+        downs.append(_solve_down(base.gate[c].float(), base.up[c].float(), xf, target, mass, act, ridge))
     return Experts(base.gate, base.up, torch.stack(downs).to(base.down.dtype))
+
+
+def _solve_down(gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                act: Activation, ridge: float) -> torch.Tensor:
+    """argmin_D sum_t weight_t ||h(x_t) D^T - target_t||^2 + ridge term, accumulated over token chunks."""
+    inter = gate.shape[0]
+    gram = torch.zeros(inter, inter, device=x.device)
+    rhs = torch.zeros(inter, target.shape[1], device=x.device)
+    for c in _chunks(x.shape[0]):
+        h = expert_hidden(x[c], gate, up, act)
+        hw = h * weight[c]  # important tokens (where the group carries much probability) count more
+        gram += hw.T @ h
+        rhs += hw.T @ target[c]
+    lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    return torch.linalg.solve(gram + lam * torch.eye(inter, device=gram.device), rhs).T
+
+
+def fix_dom_refit(
+    experts: Experts, groups: list[list[int]], features: torch.Tensor, x_per_group: list[torch.Tensor],
+    router: torch.Tensor, act: Activation, ridge: float = 1e-3,
+) -> Experts:
+    """`fix_dom_merge` followed by `refit_down`, sharing one pass over the members' activations per group."""
+    merged, targets = [], []
+    for g, x in zip(groups, x_per_group, strict=True):
+        xf = x.float()
+        share = _group_weights(xf, router, g)[0] if len(g) > 1 and x.shape[0] else None
+        mats, target = _fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
+        merged.append(mats)
+        targets.append(target)
+    base = _stack(merged, experts.gate.dtype)
+    return refit_down(experts, base, groups, x_per_group, router, act, ridge, targets)

@@ -13,7 +13,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
-from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, refit_down, router_rows, weighted_merge
+from hc_smoe_hub.merging import (
+    dominant_merge,
+    fix_dom_merge,
+    fix_dom_refit,
+    refit_down,
+    router_rows,
+    weighted_merge,
+)
 from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
 from hc_smoe_hub.stats import LayerStats
 
@@ -83,6 +90,9 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
         experts = weighted_merge(ctx.experts, groups, None)
     elif base_mode == "dominant":
         experts = dominant_merge(ctx.experts, groups, freqs)
+    elif base_mode == "fix-dom" and refit:  # one pass over the members' activations serves both steps
+        experts = fix_dom_refit(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.router, ctx.act)
+        refit = False
     elif base_mode == "fix-dom":
         experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.act)
     else:
