@@ -27,7 +27,9 @@ from hc_smoe_hub.synthetic import build_tiny_moe, calibration_text
 
 PAPER = {"method": "hc-smoe", "linkage": "average", "merge": "freq", "router": "fit"}
 SHAPE = {"hidden": 512, "intermediate_size": 1024, "num_local_experts": 8}
-CALIB = {"num_samples": 8, "seq_len": 512}
+# A quarter of the default calibration (32 x 2048 tokens). The methods' fixed-size token samples (1024 tokens for
+# the merge error, 2048 for O-prune's search, 4096 for the router fit) weigh more, the smaller this is.
+CALIB = {"num_samples": 16, "seq_len": 1024}
 
 # The peak is read from VmHWM: unlike ru_maxrss, it is reset by exec, so a child launched from this (large)
 # benchmark process does not inherit the parent's peak.

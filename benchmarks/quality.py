@@ -62,6 +62,8 @@ CONFIGS: dict[str, tuple[dict, bool]] = {
                                                         "router": "fit"}, True),
     "anchored-o, fix-dom + lsq, router fit, sequential": ({"method": "anchored-o", "merge": "fix-dom-lsq",
                                                            "router": "fit"}, True),
+    "takeover, fix-dom + lsq, router fit, sequential": ({"method": "takeover", "merge": "fix-dom-lsq",
+                                                         "router": "fit"}, True),
     "best-grouping, fix-dom + lsq, router fit, sequential": ({"method": "best-grouping", "merge": "fix-dom-lsq",
                                                               "router": "fit"}, True),
     "random clusters (freq merge)": ({"method": "random", "merge": "freq", "router": "mean"}, False),

@@ -248,7 +248,7 @@ def _method_description(inputs: CardInputs) -> str:
         linkage, metric = s.get("linkage", "average"), s.get("metric", "euclidean")
         grouping = (f"hierarchical clustering ({linkage} linkage, {metric} distance) of the experts' average "
                     "outputs on the calibration tokens")
-    elif inputs.method in ("anchored", "anchored-o"):
+    elif inputs.method in ("anchored", "anchored-o", "takeover"):
         grouping = METHOD_DESCRIPTIONS[inputs.method].split(": ", 1)[-1]
     else:
         known = METHOD_DESCRIPTIONS.get(inputs.method)

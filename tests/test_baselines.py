@@ -328,3 +328,27 @@ def test_end_to_end_bf16_pruning_is_bit_identical(tmp_path, merge_args):
     src = build_tiny_moe(tmp_path / "src", "olmoe", dtype=torch.bfloat16)
     prov = run_cli(src, tmp_path / "out", "4", merge_args, "--method", "o-prune")
     check_output(src, tmp_path / "out", prov, "o-prune", 4)
+
+
+def test_takeover_joins_each_removed_expert_to_the_survivor_that_receives_its_tokens():
+    """Expert 2 computes what expert 0 computes (nearest mean output: 0) but is routed like expert 1: once it is
+    removed, its tokens go to expert 1, so takeover merges it into 1 where anchored-o would pick 0."""
+    from hc_smoe_hub.methods import anchored_groups, takeover_groups
+
+    g = torch.Generator().manual_seed(5)
+    ex = random_experts(3, seed=5)
+    ex = Experts(ex.gate.clone(), ex.up.clone(), ex.down.clone())
+    for m in (ex.gate, ex.up, ex.down):
+        m[2] = m[0]
+    router = torch.zeros(3, 16)
+    router[0, 0], router[1, 1], router[2, 1], router[2, 2] = 3.0, 3.0, 2.9, 0.5
+    for renormalize in (True, False):
+        ctx = make_ctx(ex, router, torch.randn(400, 16, generator=g), keep=2, top_k=1, renormalize=renormalize)
+        assert bool((ctx.stats.counts > 0).all())
+        assert takeover_groups(ctx, [0, 1]) == [[0], [1, 2]]
+        assert anchored_groups(ctx.stats.features, [0, 1]) == [[0, 2], [1]]
+    plan = METHODS["takeover"](random_ctx(n=8, keep=5), MethodOptions())
+    anchors = [g[0] for g in METHODS["o-prune"](random_ctx(n=8, keep=5), MethodOptions()).groups]
+    assert sorted(i for grp in plan.groups for i in grp) == list(range(8))
+    assert all(any(a in grp for grp in plan.groups) for a in anchors) and len(plan.groups) == 5
+

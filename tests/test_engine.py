@@ -204,8 +204,8 @@ def test_provenance_records_settings_and_versions(tiny_models, merge_args, tmp_p
     assert all(layer["output_rel_error"] >= 0 for layer in prov["layers"])
 
 
-@pytest.mark.parametrize("method", ["anchored", "anchored-o"])
-def test_anchored_methods_keep_the_heaviest_or_best_subset_as_anchors(method, tiny_models, merge_args, tmp_path):
+@pytest.mark.parametrize("method", ["anchored", "anchored-o", "takeover"])
+def test_anchored_methods_partition_every_expert_into_k_groups(method, tiny_models, merge_args, tmp_path):
     prov = run_cli(tiny_models["qwen2_moe"], tmp_path / "out", "5", merge_args, "--method", method)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.num_experts == 5
@@ -221,7 +221,7 @@ def test_paper_flag_runs_hc_smoe_as_published_and_defaults_are_the_measured_ones
     assert paper["method"] == "hc-smoe" and paper["sequential"] is False
     assert paper["options"]["merge"] == "freq" and paper["options"]["linkage"] == "average"
     default = run_cli(tiny_models["mixtral"], tmp_path / "default", "4", merge_args)
-    assert default["method"] == "anchored-o" and default["options"]["merge"] == "fix-dom-lsq"
+    assert default["method"] == "takeover" and default["options"]["merge"] == "fix-dom-lsq"
     assert default["options"]["router"] == "fit" and default["sequential"] is True
 
 
