@@ -18,6 +18,7 @@ from hc_smoe_hub.merging import (
     fix_dom_merge,
     fix_dom_refit,
     refit_down,
+    refit_down_rerouted,
     router_rows,
     weighted_merge,
 )
@@ -32,7 +33,7 @@ class MethodOptions:
     metric: str = "euclidean"
     # The defaults are the configuration that measured best on the demo models (benchmarks/RESULTS.md);
     # the paper's own configuration is method="hc-smoe", merge="freq", one-shot (`hc-smoe-push --paper`).
-    merge: str = "fix-dom-lsq"
+    merge: str = "fix-dom-rr"
     router: str = "fit"
     paper_frequency: bool = False  # count frequencies over top-2 as the official code does (reproduction only)
     seed: int = 42
@@ -83,7 +84,11 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
             token_sets.extend(ctx.routed_tokens(g) for g in groups)
         return token_sets
 
-    base_mode, refit = (opts.merge[: -len("-lsq")], True) if opts.merge.endswith("-lsq") else (opts.merge, False)
+    base_mode, refit, rerouted = opts.merge, False, False
+    if opts.merge.endswith("-lsq"):
+        base_mode, refit = opts.merge[: -len("-lsq")], True
+    elif opts.merge.endswith("-rr"):  # the group refit first, then the joint re-routed one from there
+        base_mode, refit, rerouted = opts.merge[: -len("-rr")], True, True
     if base_mode == "freq":
         experts = weighted_merge(ctx.experts, groups, freqs)
     elif base_mode == "average":
@@ -100,6 +105,9 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     if refit:
         experts = refit_down(ctx.experts, experts, groups, group_tokens(), ctx.router, ctx.act)
     router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x)
+    if rerouted and any(len(g) > 1 for g in groups):  # K = N keeps the layer bit-identical
+        experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
+                                      routed=ctx.stats.routed_output)
     return LayerPlan(groups, experts, router)
 
 
@@ -178,10 +186,10 @@ def takeover(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     survivor that takes over its tokens once it is removed (`takeover_groups`).
 
     Where `anchored-o` joins each removed expert to the survivor with the nearest mean output, here it joins the
-    one the reduced router will actually send its tokens to, so the least-squares refit of `--merge fix-dom-lsq`
-    teaches each survivor what the experts it replaces computed on the very tokens it will receive. Measured on
-    both demo models, this is the one configuration ahead of every pruning baseline at 75% and 50% of the experts
-    (benchmarks/RESULTS.md).
+    one the reduced router will actually send its tokens to, so the least-squares refits of `--merge fix-dom-lsq`
+    and `fix-dom-rr` teach each survivor what the experts it replaces computed on the very tokens it will receive.
+    With `fix-dom-rr` it measured best on both demo models and ahead of every pruning baseline at 75% and 50% of
+    the experts (benchmarks/RESULTS.md).
     """
     from hc_smoe_hub.baselines import o_prune
 

@@ -41,12 +41,14 @@ def collect(
     freq_top_k: int | None = None,
     chunk: int = 8192,
     sample_rows: torch.Tensor | None = None,
-    routed_output: bool = False,
+    routed_output: bool = True,
 ) -> LayerStats:
     """Statistics of one MoE layer on its input hidden states x (T, H), in x's dtype with fp32 sums.
 
-    With `sample_rows`, the original routed block output on those tokens is assembled from the same expert
-    outputs (free, since every expert already runs on every token), as the reference for the merge error.
+    The original routed block output on every token is assembled from the same expert outputs (free, since every
+    expert already runs on every token): one-shot calibration carries it to the next layer without running the
+    block again, the re-routed refit fits to it, and its rows `sample_rows` are the reference for the merge error.
+    `routed_output=False` leaves it out of the result (it is (T, H) fp32) once the sample is taken.
     """
     n = experts.count
     logits = (x @ router.T.to(x.dtype)).float()
@@ -59,33 +61,22 @@ def collect(
     hidden_sum = torch.zeros(n, experts.gate.shape[1], dtype=torch.float32, device=x.device)
     saliency = torch.zeros(n, dtype=torch.float32, device=x.device)
     routed = (gate_w > 0).sum(0).float()
-    sampled = None
-    in_sample = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    if sample_rows is not None:
-        sampled = torch.zeros(len(sample_rows), experts.down.shape[1], dtype=torch.float32, device=x.device)
-        in_sample[sample_rows] = True
-        sample_pos = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        sample_pos[sample_rows] = torch.arange(len(sample_rows), device=x.device)
-    full = torch.zeros(x.shape[0], experts.down.shape[1], dtype=torch.float32, device=x.device) \
-        if routed_output else None
+    full = torch.zeros(x.shape[0], experts.down.shape[1], dtype=torch.float32, device=x.device)
     for i in range(n):
         for s in range(0, x.shape[0], chunk):
             h = expert_hidden(x[s : s + chunk], experts.gate[i], experts.up[i], act)
             hidden_sum[i] += h.float().sum(0)
             # The down projection is linear, so the mean output needs it only once, on the mean activation;
-            # per-token outputs are computed only where they are used: routed tokens and the error sample.
+            # per-token outputs are computed only on the tokens routed to the expert.
             w = gate_w[s : s + chunk, i]
-            rows = torch.nonzero((w > 0) | in_sample[s : s + chunk]).squeeze(1)
+            rows = torch.nonzero(w > 0).squeeze(1)
             if rows.numel() == 0:
                 continue
             y = (h[rows] @ experts.down[i].T).float()
             saliency[i] += (w[rows] * y.norm(dim=-1)).sum()
-            if full is not None:
-                full.index_add_(0, rows + s, y * w[rows, None])
-            if sampled is not None:
-                pos = sample_pos[rows + s]
-                keep = pos >= 0
-                sampled[pos[keep]] += y[keep] * w[rows[keep], None]
+            full.index_add_(0, rows + s, y * w[rows, None])
     features = torch.einsum("ni,nhi->nh", hidden_sum / x.shape[0], experts.down.float())
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
-    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled, sample_rows, full)
+    sampled = full[sample_rows] if sample_rows is not None else None
+    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled, sample_rows,
+                      full if routed_output else None)

@@ -331,8 +331,7 @@ class StreamingMerger:
         compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
         freq_top_k = 2 if self.s.options.paper_frequency else None
         sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
-        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample,
-                        routed_output=not self.s.sequential)
+        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
         ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
         plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)

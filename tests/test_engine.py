@@ -221,7 +221,7 @@ def test_paper_flag_runs_hc_smoe_as_published_and_defaults_are_the_measured_ones
     assert paper["method"] == "hc-smoe" and paper["sequential"] is False
     assert paper["options"]["merge"] == "freq" and paper["options"]["linkage"] == "average"
     default = run_cli(tiny_models["mixtral"], tmp_path / "default", "4", merge_args)
-    assert default["method"] == "takeover" and default["options"]["merge"] == "fix-dom-lsq"
+    assert default["method"] == "takeover" and default["options"]["merge"] == "fix-dom-rr"
     assert default["options"]["router"] == "fit" and default["sequential"] is True
 
 

@@ -134,7 +134,7 @@ def test_statistics_pass_assembles_the_routed_block_output(renormalize):
     expected = moe_output(x, ex, router, Routing(2, renormalize), ACT)
     assert torch.allclose(stats.routed_output, expected, rtol=1e-4, atol=1e-4)
     assert torch.allclose(stats.sampled_output, expected[torch.arange(0, 300, 7)], rtol=1e-4, atol=1e-4)
-    assert collect(x, ex, router, Routing(2, renormalize), ACT).routed_output is None
+    assert collect(x, ex, router, Routing(2, renormalize), ACT, routed_output=False).routed_output is None
 
 
 def test_moe_output_matches_transformers_block():
@@ -214,3 +214,30 @@ def test_anchored_groups_join_the_nearest_anchor():
     features = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.5, 0.0], [9.0, 1.0], [0.0, 9.0]])
     assert anchored_groups(features, [1, 0, 4]) == [[0, 2], [1, 3], [4]]
     assert anchored_groups(features, [0, 1, 2, 3, 4]) == [[0], [1], [2], [3], [4]]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_rerouted_refit_lowers_the_routed_output_error_from_its_start(renormalize):
+    from hc_smoe_hub.merging import fix_dom_merge, refit_down, refit_down_rerouted
+
+    ex = random_experts(n=6, inter=12, hidden=8, seed=8)
+    g = torch.Generator().manual_seed(9)
+    router = torch.randn(6, 8, generator=g)
+    x = torch.randn(3000, 8, generator=g)
+    routing = Routing(2, renormalize)
+    groups, freqs = [[0, 3], [1, 4], [2, 5]], torch.full((6,), 1 / 6)
+    base = refit_down(ex, fix_dom_merge(ex, groups, torch.zeros(6, 8), [x] * 3, ACT), groups, [x] * 3, router, ACT)
+    new_router = router_rows(router, groups, "fit", freqs, x)
+    reduced = Routing(2, renormalize)  # min(top_k, K)
+    ref = moe_output(x, ex, router, routing, ACT)
+
+    def err(e):
+        return float((moe_output(x, e, new_router, reduced, ACT) - ref).norm() / ref.norm())
+
+    fitted = refit_down_rerouted(ex, base, router, new_router, x, routing, ACT, chunk=500)
+    assert err(fitted) < err(base) - 1e-3  # strictly better here, never worse by construction
+    assert torch.equal(fitted.gate, base.gate) and torch.equal(fitted.up, base.up)
+    more = refit_down_rerouted(ex, base, router, new_router, x, routing, ACT, sweeps=3)
+    assert err(more) <= err(fitted) + 1e-6
+    # Starting again from its own result never makes it worse either.
+    assert err(refit_down_rerouted(ex, more, router, new_router, x, routing, ACT, sweeps=1)) <= err(more) + 1e-6
