@@ -140,7 +140,7 @@ def main() -> None:
         f"- peak RSS growth per extra checkpoint byte: merge **{merge_growth:.3f}** (goal <= 0.10), "
         f"whole-model from_pretrained {load_growth:.3f}",
         f"- merge time / floor at depth {deep}: HC-SMoE as in the paper (`--paper`) **{paper_ratio:.2f}** "
-        f"(goal <= 1.5); the default method (anchored-o, fix-dom-lsq, fitted router, sequential) **{ratio:.2f}**",
+        f"(goal <= 1.5); the default method (takeover, fix-dom-rr, fitted router, sequential) **{ratio:.2f}**",
     ]
     report = "\n".join(lines)
     print(report)

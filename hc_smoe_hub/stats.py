@@ -62,9 +62,12 @@ def collect(
     saliency = torch.zeros(n, dtype=torch.float32, device=x.device)
     routed = (gate_w > 0).sum(0).float()
     full = torch.zeros(x.shape[0], experts.down.shape[1], dtype=torch.float32, device=x.device)
+    rows_per_chunk = min(chunk, x.shape[0])
+    buffers = tuple(torch.empty(rows_per_chunk, experts.gate.shape[1], dtype=x.dtype, device=x.device)
+                    for _ in range(2))
     for i in range(n):
         for s in range(0, x.shape[0], chunk):
-            h = expert_hidden(x[s : s + chunk], experts.gate[i], experts.up[i], act)
+            h = expert_hidden(x[s : s + chunk], experts.gate[i], experts.up[i], act, out=buffers)
             hidden_sum[i] += h.float().sum(0)
             # The down projection is linear, so the mean output needs it only once, on the mean activation;
             # per-token outputs are computed only on the tokens routed to the expert.

@@ -114,7 +114,9 @@ class StreamingMerger:
             if k in spec.expert_count_keys or k == spec.top_k_key:
                 setattr(self.reduced_hf_config, k, v)
         self.routing = Routing(spec.top_k(config), spec.renormalizes(config))
-        self.act = ACT2FN[config.get("hidden_act", "silu")]
+        hidden_act = config.get("hidden_act", "silu")
+        # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
+        self.act = torch.nn.functional.silu if hidden_act == "silu" else ACT2FN[hidden_act]
         self.num_layers = int(config["num_hidden_layers"])
         self.moe_layers = [i for i in range(self.num_layers) if spec.router_key(i) in source]
         if not self.moe_layers:

@@ -137,6 +137,18 @@ def test_statistics_pass_assembles_the_routed_block_output(renormalize):
     assert collect(x, ex, router, Routing(2, renormalize), ACT, routed_output=False).routed_output is None
 
 
+@pytest.mark.parametrize("act", [torch.nn.functional.silu, torch.nn.functional.gelu])
+def test_expert_hidden_into_reused_buffers_equals_the_plain_product(act):
+    from hc_smoe_hub.routing import expert_hidden
+
+    g = torch.Generator().manual_seed(4)
+    x, gate, up = torch.randn(50, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    buffers = (torch.full((64, 16), float("nan")), torch.full((64, 16), float("nan")))
+    expected = act(x @ gate.T) * (x @ up.T)
+    assert torch.allclose(expert_hidden(x, gate, up, act, out=buffers), expected, atol=1e-6)
+    assert torch.allclose(expert_hidden(x[:20], gate, up, act, out=buffers), expected[:20], atol=1e-6)
+
+
 def test_moe_output_matches_transformers_block():
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
