@@ -36,6 +36,7 @@ from gradio_client import Client
 from huggingface_hub import constants, hf_api
 from test_hub import ALICE, hf_env, hub  # noqa: F401  (pytest fixtures)
 
+from hc_smoe_hub import space_jobs
 from hc_smoe_hub.demo import task_dir
 from hc_smoe_hub.evaluation import PAPER_TASKS
 
@@ -173,7 +174,7 @@ def test_on_a_space_the_task_folder_is_hidden_and_local_paths_refused(monkeypatc
 
 def test_on_a_space_only_the_signed_in_users_token_is_used(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_space_owner_secret")
-    mock = gr.OAuthToken(token=app.MOCK_OAUTH_TOKEN, scope="openid", expires_at=0)
+    mock = gr.OAuthToken(token=space_jobs.MOCK_OAUTH_TOKEN, scope="openid", expires_at=0)
     user = gr.OAuthToken(token="hf_oauth_user", scope="openid write-repos", expires_at=0)
     monkeypatch.delenv("SYSTEM", raising=False)
     assert app.resolve_user_token(mock) == "hf_space_owner_secret"  # locally the mock stands for this machine
@@ -181,7 +182,7 @@ def test_on_a_space_only_the_signed_in_users_token_is_used(monkeypatch):
     monkeypatch.setenv("SYSTEM", "spaces")
     monkeypatch.setenv("SPACE_ID", "someone/hc-smoe")
     assert app.resolve_user_token(user) == "hf_oauth_user"
-    assert app.resolve_user_token(mock) == app.MOCK_OAUTH_TOKEN  # never swapped for the owner's token
+    assert app.resolve_user_token(mock) == space_jobs.MOCK_OAUTH_TOKEN  # never swapped for the owner's token
     for signed_out in (None, gr.OAuthToken(token="", scope="", expires_at=0)):
         with pytest.raises(app.HcSmoeError, match="sign in"):
             app.resolve_user_token(signed_out)
@@ -201,9 +202,9 @@ def test_zero_gpu_decorator_and_duration(monkeypatch):
     monkeypatch.setattr(app, "spaces", SimpleNamespace(GPU=fake_gpu))
     app._gpu(duration=lambda plan: plan.gpu_seconds)(app.run_plan)
     assert seen["duration"](SimpleNamespace(gpu_seconds=321)) == 321
-    small, big = app.gpu_seconds(10**9, 0, None), app.gpu_seconds(90 * 10**9, 0, None)
+    small, big = space_jobs.gpu_seconds(10**9, 0, None), space_jobs.gpu_seconds(90 * 10**9, 0, None)
     assert 60 <= small < big
-    assert app.gpu_seconds(10**9, 8, None) > app.gpu_seconds(10**9, 8, 100) > small
+    assert space_jobs.gpu_seconds(10**9, 8, None) > space_jobs.gpu_seconds(10**9, 8, 100) > small
 
 
 def test_a_failing_job_stream_is_reported_and_the_button_comes_back(local_env, monkeypatch, calib_file):
