@@ -5,6 +5,7 @@
     and gives >= 1).
 (b) Speed: merge wall time divided by the floor, measured in the same run on the same checkpoint: reading every
     weight once plus one pass of every expert over the calibration tokens. Goal <= 1.5.
+(c) Where the time goes: one merge of each configuration at the larger depth under cProfile, per engine stage.
 
 Run: python benchmarks/engine.py [--record]   (--record rewrites the engine section of benchmarks/RESULTS.md)
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hc_smoe_hub.checkpoint import SourceCheckpoint
+from hc_smoe_hub.methods import MethodOptions
 from hc_smoe_hub.synthetic import build_tiny_moe, calibration_text
 
 PAPER = {"method": "hc-smoe", "linkage": "average", "merge": "freq", "router": "fit"}
@@ -47,6 +49,37 @@ r = merge_checkpoint(MergeRequest(source={src!r}, keep="4", output_dir=Path({out
     calibration=CalibrationSpec({calib!r}, {n}, {s}), device="cpu", options=MethodOptions(**{options}),
     sequential={sequential}))
 print(json.dumps({{"rss": {peak}, "wall": time.perf_counter() - t, "merge": r.timings["merge"]}}))
+"""
+
+# Where the time of one merge goes: cumulative seconds of the engine's stages under cProfile.
+PROFILED = {
+    "statistics pass": "collect",
+    "attention up to the MoE block": "_run_to_moe",
+    "finishing the layer with a MoE block": "_add_moe_block",
+    "method, all of it": None,  # the registered method, named at run time
+    "method: O-prune subset search": "o_prune",
+    "method: fix-dom + per-group least squares": "fix_dom_refit",
+    "method: joint re-routed refit": "refit_down_rerouted",
+    "method: router rows": "router_rows",
+}
+
+CHILD_PROFILE = """
+import cProfile, json, pstats, torch
+from pathlib import Path
+from hc_smoe_hub.calibration import CalibrationSpec
+from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
+from hc_smoe_hub.methods import MethodOptions
+torch.set_num_threads({threads})
+prof = cProfile.Profile()
+prof.enable()
+r = merge_checkpoint(MergeRequest(source={src!r}, keep="4", output_dir=Path({out!r}),
+    calibration=CalibrationSpec({calib!r}, {n}, {s}), device="cpu", options=MethodOptions(**{options}),
+    sequential={sequential}))
+prof.disable()
+cum = {{}}
+for (_file, _line, name), (_cc, _nc, _tt, seconds, _callers) in pstats.Stats(prof).stats.items():
+    cum[name] = max(cum.get(name, 0.0), seconds)
+print(json.dumps({{"cum": cum, "merge": r.timings["merge"]}}))
 """
 
 CHILD_LOAD = """
@@ -120,6 +153,12 @@ def main() -> None:
         rows[depth] = {"bytes": size, "merge_rss": merged["rss"], "load_rss": loaded["rss"],
                        "merge_s": merged["merge"], "paper_s": paper["merge"], "floor_s": floor,
                        "floors": floors}
+    profiles = {}
+    for label, options, sequential in (("default", {}, True), ("--paper", PAPER, False)):
+        profiles[label] = child(CHILD_PROFILE.format(
+            threads=args.threads, src=str(tmp / f"d{deep}"), out=str(tmp / f"prof{label}"),
+            calib=str(calib), n=CALIB["num_samples"], s=CALIB["seq_len"], options=options, sequential=sequential))
+        profiles[label]["method"] = options.get("method", MethodOptions().method).replace("-", "_")
     d_bytes = rows[deep]["bytes"] - rows[shallow]["bytes"]
     merge_growth = (rows[deep]["merge_rss"] - rows[shallow]["merge_rss"]) / d_bytes
     load_growth = (rows[deep]["load_rss"] - rows[shallow]["load_rss"]) / d_bytes
@@ -147,6 +186,15 @@ def main() -> None:
         f"- merge time / floor at depth {deep}: HC-SMoE as in the paper (`--paper`) **{paper_ratio:.2f}** "
         f"(goal <= 1.5); the default method (takeover, fix-dom-rr, fitted router, sequential) **{ratio:.2f}**",
     ]
+    lines += ["", f"Profile of one merge at depth {deep} (cProfile, cumulative seconds; profiling slows it down):", "",
+              "| stage | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    for stage, name in PROFILED.items():
+        cells = []
+        for prof in profiles.values():
+            seconds = prof["cum"].get(name or prof["method"])
+            cells.append(f"{seconds:.1f}" if seconds else "-")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines.append("| whole merge | " + " | ".join(f"{p['merge']:.1f}" for p in profiles.values()) + " |")
     report = "\n".join(lines)
     print(report)
     if args.record:

@@ -146,10 +146,14 @@ def anchored(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
 def anchored_o(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     """Anchored merging with O-prune's anchors: the K-subset whose re-routed output best reconstructs the
     layer's output survives and absorbs the other experts (see `anchored`)."""
+    return merge_groups(ctx, anchored_groups(ctx.stats.features, o_prune_survivors(ctx, opts)), opts)
+
+
+def o_prune_survivors(ctx: LayerContext, opts: MethodOptions) -> list[int]:
+    """The K experts O-prune keeps (baselines imports this module, hence the late import)."""
     from hc_smoe_hub.baselines import o_prune
 
-    anchors = [g[0] for g in o_prune(ctx, opts).groups]
-    return merge_groups(ctx, anchored_groups(ctx.stats.features, anchors), opts)
+    return [g[0] for g in o_prune(ctx, opts).groups]
 
 
 def plan_error(ctx: LayerContext, plan: LayerPlan) -> float:
@@ -191,10 +195,7 @@ def takeover(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     With `fix-dom-rr` it measured best on both demo models and ahead of every pruning baseline at 75% and 50% of
     the experts (benchmarks/RESULTS.md).
     """
-    from hc_smoe_hub.baselines import o_prune
-
-    anchors = [g[0] for g in o_prune(ctx, opts).groups]
-    return merge_groups(ctx, takeover_groups(ctx, anchors), opts)
+    return merge_groups(ctx, takeover_groups(ctx, o_prune_survivors(ctx, opts)), opts)
 
 
 def best_grouping(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:

@@ -22,9 +22,13 @@ class LayerStats:
     saliency: torch.Tensor  # (N,) REAP: mean over routed tokens of gate weight * ||E_i(x)||
     router_logits: torch.Tensor  # (T, N) fp32
     tokens: int
-    sampled_output: torch.Tensor | None = None  # (S, H) fp32 routed block output on the sampled rows
-    sample_rows: torch.Tensor | None = None  # (S,) which calibration tokens those are
-    routed_output: torch.Tensor | None = None  # (T, H) fp32 routed block output on every token, when asked for
+    routed_output: torch.Tensor  # (T, H) fp32: the original routed block output on every calibration token
+    sample_rows: torch.Tensor | None = None  # (S,) the calibration tokens on which merge errors are measured
+
+    @property
+    def sampled_output(self) -> torch.Tensor | None:
+        """(S, H) the routed block output on the sampled rows: the reference for the merge error."""
+        return None if self.sample_rows is None else self.routed_output[self.sample_rows]
 
     @property
     def frequencies(self) -> torch.Tensor:
@@ -41,14 +45,12 @@ def collect(
     freq_top_k: int | None = None,
     chunk: int = 8192,
     sample_rows: torch.Tensor | None = None,
-    routed_output: bool = True,
 ) -> LayerStats:
     """Statistics of one MoE layer on its input hidden states x (T, H), in x's dtype with fp32 sums.
 
     The original routed block output on every token is assembled from the same expert outputs (free, since every
     expert already runs on every token): one-shot calibration carries it to the next layer without running the
     block again, the re-routed refit fits to it, and its rows `sample_rows` are the reference for the merge error.
-    `routed_output=False` leaves it out of the result (it is (T, H) fp32) once the sample is taken.
     """
     n = experts.count
     logits = (x @ router.T.to(x.dtype)).float()
@@ -80,6 +82,4 @@ def collect(
             full.index_add_(0, rows + s, y * w[rows, None])
     features = torch.einsum("ni,nhi->nh", hidden_sum / x.shape[0], experts.down.float())
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
-    sampled = full[sample_rows] if sample_rows is not None else None
-    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], sampled, sample_rows,
-                      full if routed_output else None)
+    return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], full, sample_rows)

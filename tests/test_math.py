@@ -129,12 +129,11 @@ def test_statistics_pass_assembles_the_routed_block_output(renormalize):
     ex = Experts(torch.randn(6, 16, 8, generator=g), torch.randn(6, 16, 8, generator=g),
                  torch.randn(6, 8, 16, generator=g))
     x, router = torch.randn(300, 8, generator=g), torch.randn(6, 8, generator=g)
-    stats = collect(x, ex, router, Routing(2, renormalize), ACT, chunk=64, routed_output=True,
-                    sample_rows=torch.arange(0, 300, 7))
+    stats = collect(x, ex, router, Routing(2, renormalize), ACT, chunk=64, sample_rows=torch.arange(0, 300, 7))
     expected = moe_output(x, ex, router, Routing(2, renormalize), ACT)
     assert torch.allclose(stats.routed_output, expected, rtol=1e-4, atol=1e-4)
     assert torch.allclose(stats.sampled_output, expected[torch.arange(0, 300, 7)], rtol=1e-4, atol=1e-4)
-    assert collect(x, ex, router, Routing(2, renormalize), ACT, routed_output=False).routed_output is None
+    assert collect(x, ex, router, Routing(2, renormalize), ACT).sampled_output is None
 
 
 @pytest.mark.parametrize("act", [torch.nn.functional.silu, torch.nn.functional.gelu])
