@@ -2,7 +2,8 @@
 
 `merge_checkpoint` validates everything it can before compute (model family, --keep, shards, tokenizer,
 calibration text, disk space), then streams the layers into a temporary directory that is renamed into place
-only when the config, tokenizer files and provenance (`hc_smoe.json`) are all written.
+only when the config, tokenizer files and provenance (`hc_smoe.json`) are all written. Evaluation and the card
+come afterwards (pipeline.py), so a finished merge survives any failure after it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,13 +139,8 @@ def inspect_source(src_dir: Path) -> tuple[dict[str, Any], ArchSpec, SourceCheck
     return config, spec, SourceCheckpoint(src_dir)
 
 
-def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None,
-                     finalize: Callable[[Path, MergeResult], None] | None = None) -> MergeResult:
-    """Merge `request.source` into `request.output_dir`.
-
-    `finalize(tmp_dir, result)` runs inside the temporary directory before it is renamed into place (evaluation and
-    the card go there), so a failure anywhere leaves no output directory behind.
-    """
+def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> MergeResult:
+    """Merge `request.source` into `request.output_dir`, which appears only complete and loadable."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if src_dir is None:
@@ -205,8 +200,6 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None,
         result = MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,
                              config.get("model_type", ""), n, keep, top_k, min(top_k, keep), records, timings,
                              provenance)
-        if finalize is not None:
-            finalize(tmp, result)
     log.info("wrote %s (%d -> %d experts per MoE layer)", request.output_dir, n, keep)
     return result
 
