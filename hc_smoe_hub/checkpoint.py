@@ -4,7 +4,8 @@ The reader opens a shard only for the tensors asked for and closes it again, so 
 the process. The writer is hand-written because the safetensors library only writes a whole dict at once (which
 would hold a 5 GB shard in memory): since every output tensor's shape is known before the merge starts, the
 shards, their headers and each tensor's byte offset are planned up front, disk space is reserved (a full disk fails
-before any compute), and each tensor is written into place as soon as it exists.
+before any compute), and each tensor is written into place as soon as it exists. A resumed merge reopens the
+shards it planned before (the plan is deterministic) instead of creating them again.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import logging
 import os
 import shutil
 import struct
+import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +181,11 @@ def parse_size(text: str) -> int:
 class ShardedWriter:
     """Writes a planned set of tensors into capped safetensors shards, each tensor into its reserved place."""
 
-    def __init__(self, directory: Path, plan: list[OutputTensor], max_shard_bytes: int):
+    def __init__(self, directory: Path, plan: list[OutputTensor], max_shard_bytes: int, reopen: bool = False):
+        """Plan the shards; create and reserve them, or with `reopen` check and adopt the ones already there."""
         self.dir = Path(directory)
+        self.reopen = reopen
+        self.dirty: set[Path] = set()
         groups: list[list[OutputTensor]] = [[]]
         size = 0
         for t in plan:
@@ -207,9 +212,13 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
         data_start = 8 + len(raw)
-        with _disk_errors(path), path.open("wb") as fh:
-            fh.write(struct.pack("<Q", len(raw)) + raw)
-            _reserve(fh, data_start + offset)
+        head = struct.pack("<Q", len(raw)) + raw
+        if self.reopen:
+            _check_reopened(path, head, data_start + offset)
+        else:
+            with _disk_errors(path), path.open("wb") as fh:
+                fh.write(head)
+                _reserve(fh, data_start + offset)
         pos = data_start
         for t in group:
             self.slots[t.name] = (path, pos, t)
@@ -237,9 +246,21 @@ class ShardedWriter:
             for chunk in chunks:
                 fh.write(chunk)
                 n += len(chunk)
+        self.dirty.add(path)
         if n != spec.nbytes:
             raise ValueError(f"{name}: wrote {n} bytes, planned {spec.nbytes}")
         self.written.add(name)
+
+    def mark_written(self, names: Iterable[str]) -> None:
+        """Tensors a previous run of the same plan wrote and synced (a resumed merge skips their layers)."""
+        self.written.update(names)
+
+    def sync(self) -> None:
+        """Flush every shard written since the last sync to the disk (before a layer is recorded as finished)."""
+        for path in sorted(self.dirty):
+            with _disk_errors(path), path.open("r+b") as fh:
+                os.fsync(fh.fileno())
+        self.dirty.clear()
 
     def finish(self) -> None:
         missing = set(self.slots) - self.written
@@ -272,23 +293,75 @@ def _disk_errors(path: Path) -> Iterator[None]:
         raise
 
 
-@contextmanager
-def atomic_output_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling directory that becomes `target` only if the block completes; removed otherwise."""
-    target = Path(target).resolve()
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise OutputError(f"output directory {target} exists and is not empty: remove it or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with ExitStack() as stack:
-        stack.callback(shutil.rmtree, tmp, True)
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        stack.pop_all()
+def _check_reopened(path: Path, head: bytes, size: int) -> None:
+    # A shard of the same plan has exactly this header and size; anything else is not ours to write into.
+    try:
+        with path.open("rb") as fh:
+            same = fh.read(len(head)) == head and os.fstat(fh.fileno()).st_size == size
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise OutputError(f"{path} does not match the planned shard (missing or changed): the partial merge in "
+                          f"{path.parent} cannot be resumed; pass --overwrite to start again")
+
+
+def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically and durably: a temporary sibling, fsynced, renamed over `path`.
+
+    Tensors are written one at a time straight from their (CPU) memory: no serialized copy of them is built.
+    """
+    path = Path(path)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, t in cpu.items():
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with _disk_errors(path), tmp.open("wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            for t in cpu.values():
+                if t.numel():
+                    fh.write(memoryview(t.view(torch.uint8).numpy()))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash at any moment leaves the old or the new content, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with _disk_errors(path), tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def free_bytes(directory: Path) -> int:

@@ -1,8 +1,10 @@
 """One merge from a source checkpoint to an output directory that stock transformers loads.
 
 `merge_checkpoint` validates everything it can before compute (model family, --keep, shards, tokenizer,
-calibration text, disk space), then streams the layers into a temporary directory that is renamed into place
-only when the config, tokenizer files and provenance (`hc_smoe.json`) are all written. Evaluation and the card
+calibration text, disk space, a partial directory left by an earlier run), then streams the layers into the
+partial directory `partial_dir_for(output_dir)`, renamed into place only when the config, tokenizer files and
+provenance (`hc_smoe.json`) are all written. A failed or interrupted merge keeps its finished layers there and
+`resume=True` (`--resume`) continues after them with an identical result (resume.py). Evaluation and the card
 come afterwards (pipeline.py), so a finished merge survives any failure after it.
 """
 
@@ -23,9 +25,10 @@ import torch
 from hc_smoe_hub import __version__
 from hc_smoe_hub.architectures import ArchSpec, spec_for
 from hc_smoe_hub.calibration import CalibrationSpec, build_blocks
-from hc_smoe_hub.checkpoint import ShardedWriter, SourceCheckpoint, atomic_output_dir, free_bytes, parse_size
+from hc_smoe_hub.checkpoint import ShardedWriter, SourceCheckpoint, free_bytes, parse_size
 from hc_smoe_hub.errors import HcSmoeError, OutputError, SourceError
 from hc_smoe_hub.methods import METHOD_DESCRIPTIONS, MethodOptions
+from hc_smoe_hub.resume import PartialMergeError, PartialRun, partial_dir_for, tokens_digest, weights_digest
 from hc_smoe_hub.streaming import EngineSettings, LayerRecord, StreamingMerger
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ PROVENANCE_NAME = "hc_smoe.json"
 SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "*.tiktoken",
               "chat_template*", "generation_config.json", "LICENSE*", "NOTICE*", "USE_POLICY*")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+__all__ = ["MergeRequest", "MergeResult", "PartialMergeError", "merge_checkpoint", "partial_dir_for"]
 
 
 @dataclass
@@ -48,9 +52,10 @@ class MergeRequest:
     device: str | None = None
     dtype: str = "auto"
     max_shard_size: str = "5GB"
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing output directory, and discard a partial one unless resuming
     revision: str | None = None
     token: str | None = None
+    resume: bool = False  # continue the partial merge an interrupted run of the same request left behind
 
 
 @dataclass
@@ -163,6 +168,10 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
     if max_shard <= 0:
         raise HcSmoeError(f"--max-shard-size must be positive, got '{request.max_shard_size}'")
 
+    partial = PartialRun(request.output_dir, _fingerprint(request, src_dir, revision, source, keep, device,
+                                                          merger_dtype, max_shard),
+                         resume=request.resume, overwrite=request.overwrite)
+
     from transformers import AutoTokenizer
 
     try:
@@ -173,19 +182,30 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
     settings = EngineSettings(keep, request.options, device, merger_dtype, request.sequential)
     merger = StreamingMerger(source, config, spec, str(src_dir), settings)
     plan = merger.output_plan()
-    need = sum(t.nbytes for t in plan)
-    if free_bytes(request.output_dir) < need * 1.05:
+    # The shards, plus two copies of the calibration hidden states kept for --resume while one replaces the other.
+    cal = request.calibration
+    hidden_bytes = 2 * cal.num_samples * cal.seq_len * int(config.get("hidden_size", 0)) * merger_dtype.itemsize
+    need = sum(t.nbytes for t in plan) * 1.05 + hidden_bytes
+    if partial.resuming:  # the shards are reserved already
+        need -= sum(f.stat().st_size for f in partial.dir.glob("*.safetensors"))
+    if free_bytes(request.output_dir) < need:
         raise OutputError(f"not enough disk space for the output ({need / 1e9:.2f} GB needed next to "
                           f"{request.output_dir}): free space or choose another --output-dir")
 
     t1 = time.perf_counter()
     blocks = build_blocks(tokenizer, request.calibration)
     timings["calibration"] = time.perf_counter() - t1
+    partial.check_calibration(tokens_digest(blocks))
 
-    with atomic_output_dir(request.output_dir, request.overwrite) as tmp:
+    with partial.session() as tmp:
         t2 = time.perf_counter()
-        writer = ShardedWriter(tmp, plan, max_shard)
-        records = merger.run(blocks, writer)
+        start = partial.resume_point(device)
+        writer = ShardedWriter(tmp, plan, max_shard, reopen=partial.resuming)
+        if start is None:
+            records = merger.run(blocks, writer, on_finished=partial.layer_done)
+        else:
+            records = merger.run(blocks, writer, start_layer=start.next_layer, records=start.records,
+                                 hidden_states=start.hidden, on_finished=partial.layer_done)
         writer.finish()
         timings["merge"] = time.perf_counter() - t2
         out_config = spec.reduced_config(config, keep)
@@ -197,11 +217,24 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
         provenance = _provenance(request, revision, spec, config, out_config, keep, device, merger_dtype,
                                  records, timings)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-        result = MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,
-                             config.get("model_type", ""), n, keep, top_k, min(top_k, keep), records, timings,
-                             provenance)
+        partial.finalize()
+    result = MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,
+                         config.get("model_type", ""), n, keep, top_k, min(top_k, keep), records, timings, provenance)
     log.info("wrote %s (%d -> %d experts per MoE layer)", request.output_dir, n, keep)
     return result
+
+
+def _fingerprint(request: MergeRequest, src_dir: Path, revision: str | None, source: SourceCheckpoint, keep: int,
+                 device: torch.device, dtype: torch.dtype, max_shard: int) -> dict[str, Any]:
+    """Everything that determines the merged tensors and hc_smoe.json: a resumed run must match it exactly."""
+    import transformers
+
+    return {"source_id": request.source, "source": str(src_dir), "revision": revision,
+            "weights": weights_digest(source), "keep": keep,
+            "options": request.options.as_dict(), "calibration": asdict(request.calibration),
+            "sequential": request.sequential, "compute_dtype": str(dtype).removeprefix("torch."),
+            "device": device.type, "max_shard_bytes": max_shard, "version": __version__,
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _provenance(request: MergeRequest, revision: str | None, spec: ArchSpec, config: dict, out_config: dict,

@@ -150,8 +150,8 @@ class StreamingMerger:
 
     def _ordered_keys(self) -> list[str]:
         def order(key: str) -> tuple[int, int, str]:
-            if key.startswith(self.spec.layers_prefix):
-                layer = int(key[len(self.spec.layers_prefix):].split(".", 1)[0])
+            layer = self._layer_of(key)
+            if layer is not None:
                 return (1, layer, key)
             return (0 if "embed" in key else 2, 0, key)
 
@@ -159,21 +159,38 @@ class StreamingMerger:
 
     # ---------- run ----------
     def run(self, blocks: torch.Tensor, writer: ShardedWriter,
-            on_layer: Callable[[LayerRecord], None] | None = None) -> list[LayerRecord]:
+            on_layer: Callable[[LayerRecord], None] | None = None, *, start_layer: int = 0,
+            records: list[LayerRecord] | None = None, hidden_states: list[torch.Tensor] | None = None,
+            on_finished: Callable[[int, list[LayerRecord], list[torch.Tensor]], None] | None = None,
+            ) -> list[LayerRecord]:
+        """Merge every decoder layer from `start_layer` on; returns the records of all MoE layers.
+
+        A resumed run passes the finished layers' `records` and the `hidden_states` that enter `start_layer`
+        (the writer already holds those layers' tensors). `on_finished(next_layer, records, hidden)` is called
+        after each decoder layer, once its tensors are synced to disk, so that the caller can record it.
+        """
         release_freed_memory()
         dev = self.s.device
         for key in self._ordered_keys():
             if not key.startswith(self.spec.layers_prefix):
                 writer.write_chunks(key, self.src.copy_raw(key))
+        writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
+                            and self._layer_of(k) < start_layer)
         model = self.model
         # The reduced layers must dispatch their experts the way the loaded model would.
         self.reduced_hf_config._experts_implementation = model.config._experts_implementation
         rotary = _module(model, self.spec.rotary_module)
         _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
+        # The embedding pass also yields each batch's mask and rotary arguments, which a resumed run needs too.
         hidden, layer_kwargs = self._embed(model, blocks)
+        if start_layer:
+            if hidden_states is None or [h.shape for h in hidden_states] != [h.shape for h in hidden]:
+                raise ValueError("the saved hidden states do not match the calibration batches")
+            hidden = [h.to(dev) for h in hidden_states]
         layers = _module(model, self.spec.layers_module)
-        records: list[LayerRecord] = []
-        for layer_idx in tqdm(range(self.num_layers), desc="merging layers", unit="layer"):
+        records = list(records or [])
+        for layer_idx in tqdm(range(start_layer, self.num_layers), desc="merging layers", unit="layer",
+                              initial=start_layer, total=self.num_layers):
             t0 = time.perf_counter()
             record = self._process_layer(layers, layer_idx, hidden, layer_kwargs, writer)
             if record is not None:
@@ -183,7 +200,15 @@ class StreamingMerger:
                     on_layer(record)
                 log.info("layer %d: %d -> %d experts, routed-output relative error %.4f (%.1fs)", layer_idx,
                          self.n_experts, self.s.keep, record.output_rel_error, record.seconds)
+            if on_finished:
+                writer.sync()
+                on_finished(layer_idx + 1, records, hidden)
         return records
+
+    def _layer_of(self, key: str) -> int | None:
+        """The decoder layer an on-disk key belongs to, or None for embeddings, final norm and head."""
+        prefix = self.spec.layers_prefix
+        return int(key[len(prefix):].split(".", 1)[0]) if key.startswith(prefix) else None
 
     def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
         dev, cdt = self.s.device, self.s.compute_dtype
