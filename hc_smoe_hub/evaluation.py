@@ -6,8 +6,12 @@ without the `eval` extra. Results come back as `{task: {metric: value}}`, e.g.
 `"metric,none"` keys flattened to `"metric"` (other filters keep their `"metric,filter"` key).
 
     settings = EvalSettings(tasks=PAPER_TASKS, limit=100)
+    prepare_tasks(settings)                      # before any compute: names, settings, every task's data
+    model, tokenizer = load_for_eval(Path("merged"), torch.device("cuda"), None, Path(".merged.offload"))
     results = evaluate(model, tokenizer, settings)
     print(headline(results))
+
+`load_for_eval` and `parse_max_memory` live in hc_smoe_hub.placement (re-exported here).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import os
 import random
 import re
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from hc_smoe_hub.errors import HcSmoeError
+from hc_smoe_hub.placement import load_for_eval as load_for_eval
+from hc_smoe_hub.placement import parse_max_memory as parse_max_memory
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,11 @@ Results = dict[str, dict[str, float]]
 
 _INSTALL_HINT = "lm-eval is not installed: pip install 'hc-smoe-hub[eval]'"
 _CACHE_FORMAT = 1
+_DATA_FIXES = ("choose other tasks with --tasks (local ones with --include-path), merge without evaluating "
+               "with --skip-eval")
+_PROBE_TIMEOUT_S = 5.0
+# Indexing lm-eval's built-in tasks takes 10-20 s on 2 cores; a run checks and evaluates with the same index.
+_MANAGERS: dict[tuple[str | None, bool, str | None], Any] = {}
 
 
 @dataclass
@@ -104,20 +117,38 @@ def _import_lm_eval() -> tuple[Any, Any, Any]:
     return lm_eval, HFLM, TaskManager
 
 
-def _task_manager(task_manager_cls: Any, settings: EvalSettings) -> Any:
-    """Index only the local tasks when they cover the request (indexing lm-eval's built-ins takes seconds)."""
+def _manager(task_manager_cls: Any, include_path: str | None, include_defaults: bool) -> Any:
+    """A TaskManager, reused while the task folder's content is unchanged."""
+    key = (include_path, include_defaults, _tree_digest(Path(include_path)) if include_path else None)
+    manager = _MANAGERS.get(key)
+    if manager is None or not isinstance(manager, task_manager_cls):
+        if len(_MANAGERS) >= 4:
+            _MANAGERS.clear()
+        manager = _MANAGERS[key] = task_manager_cls(include_path=include_path, include_defaults=include_defaults)
+    return manager
+
+
+def _task_manager(task_manager_cls: Any, settings: EvalSettings,
+                  before_builtins: Callable[[list[str]], None] | None = None) -> Any:
+    """Index only the local tasks when they cover the request (indexing lm-eval's built-ins takes seconds).
+
+    `before_builtins` is told the names not found locally before lm-eval's own tasks are indexed.
+    """
+    missing = list(settings.tasks)
     if settings.include_path:
         path = Path(settings.include_path)
         if not path.is_dir():
             raise HcSmoeError(f"task folder {path} does not exist: check the include path")
-        local = task_manager_cls(include_path=str(path), include_defaults=False)
-        if all(name in local.all_tasks for name in settings.tasks):
+        local = _manager(task_manager_cls, str(path), False)
+        missing = [name for name in settings.tasks if name not in local.all_tasks]
+        if not missing:
             manager = local
         else:
             log.info("Not every task is in %s; adding lm-eval's built-in tasks", path)
-            manager = task_manager_cls(include_path=str(path), include_defaults=True)
-    else:
-        manager = task_manager_cls()
+    if missing:
+        if before_builtins is not None:
+            before_builtins(missing)
+        manager = _manager(task_manager_cls, settings.include_path and str(settings.include_path), True)
     unknown = [name for name in settings.tasks if name not in manager.all_tasks]
     if unknown:
         where = f" in {settings.include_path} or" if settings.include_path else ""
@@ -187,8 +218,7 @@ def _flatten(raw: Mapping[str, Any], requested: Sequence[str], manager: Any) -> 
     return results
 
 
-def check_tasks(settings: EvalSettings) -> None:
-    """Refuse bad settings, unknown task names and a missing task folder now, before any merge runs."""
+def _check_settings(settings: EvalSettings) -> None:
     if not settings.tasks:
         raise HcSmoeError("no evaluation tasks given: name at least one lm-eval task")
     if settings.limit is not None and not settings.limit > 0:
@@ -198,7 +228,84 @@ def check_tasks(settings: EvalSettings) -> None:
     batch = str(settings.batch_size)
     if not ((batch.isdigit() and int(batch) > 0) or batch == "auto" or re.fullmatch(r"auto:\d+", batch)):
         raise HcSmoeError(f"--eval-batch-size must be a positive number, 'auto' or 'auto:N', got '{batch}'")
+
+
+def check_tasks(settings: EvalSettings) -> None:
+    """Refuse bad settings, unknown task names and a missing task folder now, before any merge runs."""
+    _check_settings(settings)
     _task_manager(_import_lm_eval()[2], settings)
+
+
+def prepare_tasks(settings: EvalSettings) -> None:
+    """check_tasks, then build every task once, so that its data is fetched into the datasets cache or found there.
+
+    Run before any compute: a dataset that cannot be had (Hub unreachable, gated, missing, a local data file gone)
+    is one HcSmoeError line naming the task, its dataset and the fixes. With the Hub unreachable and lm-eval's own
+    tasks requested it fails in about a second, before indexing them: one probe of the endpoint, because the Hub
+    client otherwise retries each dataset with backoff for ~23 s. Built tasks are dropped (their data stays in the
+    datasets cache, where evaluate() finds it again).
+    """
+    _check_settings(settings)
+    manager = _task_manager(_import_lm_eval()[2], settings,
+                            before_builtins=lambda names: _probe_hub(names, settings.include_path))
+    owner: dict[str, str] = {}
+    for name in settings.tasks:
+        try:
+            leaves = list(manager.load([name])["tasks"])
+        except Exception as exc:  # lm-eval and datasets raise many kinds; each becomes the one line below
+            raise HcSmoeError(_data_error(name, exc)) from exc
+        for leaf in leaves:
+            if owner.setdefault(leaf, name) != name:
+                raise HcSmoeError(f"evaluation task {leaf} is part of both {owner[leaf]} and {name}: "
+                                  "drop one of them from --tasks")
+
+
+def _probe_hub(tasks: list[str], include_path: str | None) -> None:
+    """Refuse at once when lm-eval's own tasks are wanted but the Hub, where their data lives, does not answer."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    if datasets_config.HF_HUB_OFFLINE:  # offline: datasets reads its cache and fails fast on a miss
+        return
+    endpoint = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # any HTTP answer means the Hub is reachable
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        # Checked before lm-eval's tasks are indexed (the slow part), so a name is not known to be one of them.
+        what = f"are not in {include_path}, so they would be lm-eval's" if include_path else "are lm-eval's"
+        raise HcSmoeError(f"evaluation task(s) {', '.join(tasks)} {what} built-in tasks, whose data is on the "
+                          f"Hugging Face Hub ({endpoint}), which cannot be reached ({reason}): "
+                          f"{_data_fixes()}") from exc
+
+
+def _data_fixes() -> str:
+    from datasets import config as datasets_config
+
+    if datasets_config.HF_HUB_OFFLINE:
+        return f"{_DATA_FIXES}, or run once online (HF_DATASETS_OFFLINE unset) to fill the datasets cache"
+    return f"{_DATA_FIXES}, or fetch the data once online and rerun with HF_DATASETS_OFFLINE=1 to use the cache"
+
+
+def _data_error(name: str, exc: BaseException) -> str:
+    """One line: which task (and member task) failed on which dataset, why, and what to do."""
+    leaf, dataset = None, None
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost lm-eval task being built is the one whose data failed
+        obj = tb.tb_frame.f_locals.get("self")
+        config = getattr(obj, "config", None)
+        if type(obj).__module__.startswith("lm_eval") and getattr(config, "dataset_path", None):
+            leaf, dataset = getattr(config, "task", None), config.dataset_path
+        tb = tb.tb_next
+    lines = str(exc).strip().splitlines()
+    reason = (lines[0] if lines else type(exc).__name__)[:300]
+    task = f"{name} ({leaf})" if leaf and leaf != name else name
+    data = f" (dataset {dataset})" if dataset else ""
+    gated = "; for a gated dataset accept its terms on the Hub and log in (hf auth login or HF_TOKEN)"
+    return (f"evaluation task {task}{data} cannot load its data: {reason}: {_data_fixes()}"
+            f"{gated if 'gated' in reason.lower() else ''}")
 
 
 def evaluate(model: Any, tokenizer: Any, settings: EvalSettings) -> Results:
