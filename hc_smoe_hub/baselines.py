@@ -8,7 +8,7 @@ experts, router rows per `opts.router`).
 - `f-prune`: the K most frequently routed experts.
 - `s-prune`: the K experts with the largest summed router probability over the calibration tokens.
 - `o-prune` (Lu et al. 2024, "Not All Experts are Equal"): the K-subset whose re-routed layer output best
-  reconstructs the original routed output on a token sample.
+  reconstructs the original routed output on a token sample (exhaustive when small, else `subset_search`).
 - `reap` (Cerebras 2025, arXiv 2510.13999): the K experts with the largest router-weighted activation norm.
 - `m-smoe` (MC-SMoE's merge step, arXiv 2310.01334): most-used experts as centres, others join the centre with the
   most similar router-logit profile, frequency-weighted merging.
@@ -22,7 +22,6 @@ Everything here is a pure tensor function of the `LayerContext`: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -33,16 +32,18 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
 from hc_smoe_hub import methods as _methods
+from hc_smoe_hub import subset_search
 from hc_smoe_hub.clustering import labels_to_groups
 from hc_smoe_hub.methods import LayerContext, LayerPlan, MethodOptions, merge_groups
-from hc_smoe_hub.routing import Experts, Routing, expert_output, route
+from hc_smoe_hub.routing import Experts, expert_output
 
 log = logging.getLogger(__name__)
 
 O_PRUNE_TOKENS = 2048  # token sample on which o-prune scores subsets
-O_PRUNE_MAX_SUBSETS = 100_000  # enumerate every subset up to this many, otherwise sample this many
+# Every subset is scored up to this many (the demo models' largest case, C(16, 8) = 12,870, stays exhaustive);
+# beyond it the greedy + swap search of `subset_search`, which scales to any N.
+O_PRUNE_EXHAUSTIVE = 20_000
 DIVERSIFY_TOKENS = 1024  # token sample for CKA: the token-space Gram matrices are (S, S) per expert
-_SCORE_BUDGET = 1 << 24  # elements per scoring batch of o-prune, to bound memory
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -114,26 +115,12 @@ def reap(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     return prune_plan(ctx, top_ids(ctx.stats.saliency, ctx.keep))
 
 
-def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
-    """O-prune (Lu et al. 2024): the K-subset whose re-routed output best reconstructs the routed layer output.
-
-    On a strided sample of at most `O_PRUNE_TOKENS` calibration tokens, a subset is routed as the pruned model
-    routes: softmax over the kept experts' original logits, top-min(k, K), renormalized when the model
-    renormalizes; its loss is the squared Frobenius distance to the original routed output (shared experts cancel).
-    Every subset is scored when C(N, K) <= `O_PRUNE_MAX_SUBSETS`; otherwise that many subsets are drawn uniformly
-    with a generator seeded by (opts.seed, layer), and, our addition, the F-prune and S-prune subsets are added as
-    candidates so the search never does worse than them on its own objective. Ties go to the first candidate
-    (lexicographic order when enumerating).
-
-    Cost: the loss is a quadratic form in the sparse gate vector, ||sum_a w_a Y_a - y||^2
-    = sum_ab w_a w_b M_ab - 2 sum_a w_a <Y_a, y> + ||y||^2 per token, with M the per-token Gram matrix of the
-    experts' outputs. M (S, N, N) is computed once in fp64 from every expert's output on the sample, after which a
-    subset costs O(S k^2) gathers instead of O(S k H) flops, exactly (no approximation).
-    """
-    n, k_keep = ctx.experts.count, ctx.keep
+def o_prune_problem(ctx: LayerContext) -> subset_search.SubsetProblem:
+    """O-prune's objective for this layer: every expert's output on a strided sample of at most `O_PRUNE_TOKENS`
+    calibration tokens, reduced to per-token Gram matrices (S, N, N) in fp64 (shared experts cancel out)."""
+    n = ctx.experts.count
     rows = _sample_rows(ctx, O_PRUNE_TOKENS)
     xs = ctx.x[rows]
-    logits = ctx.stats.router_logits[rows].float()
     s = xs.shape[0]
     dev = xs.device if xs.device.type in ("cpu", "cuda") else torch.device("cpu")  # fp64 needed
     gram = torch.empty(s, n, n, dtype=torch.float64, device=dev)
@@ -142,43 +129,42 @@ def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     for start in range(0, s, chunk):
         y = torch.stack([_output(ctx, xs[start : start + chunk], i) for i in range(n)]).to(dev, torch.float64)
         gram[start : start + chunk] = torch.einsum("ish,jsh->sij", y, y)
-    logits = logits.to(dev)
-    w0, i0 = route(logits, ctx.routing)
-    g0 = torch.zeros(s, n, dtype=torch.float64, device=dev).scatter_(1, i0, w0.double())
-    cross = torch.einsum("sij,sj->si", gram, g0)  # <Y_i, y> per token
-    ref = float((g0 * cross).sum())  # sum_s ||y_s||^2
+    return subset_search.problem_from_gram(gram, ctx.stats.router_logits[rows], ctx.routing, ctx.keep)
 
-    total = math.comb(n, k_keep)
-    exhaustive = total <= O_PRUNE_MAX_SUBSETS
+
+def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
+    """O-prune (Lu et al. 2024): the K-subset whose re-routed output best reconstructs the routed layer output.
+
+    On a strided sample of at most `O_PRUNE_TOKENS` calibration tokens, a subset is routed as the pruned model
+    routes: softmax over the kept experts' original logits, top-min(k, K), renormalized when the model
+    renormalizes; its loss is the squared Frobenius distance to the original routed output (shared experts cancel).
+    Every subset is scored when C(N, K) <= `O_PRUNE_EXHAUSTIVE` (ties to the lexicographically first); otherwise
+    `subset_search.search` looks for it: greedy elimination from all N experts, then swap descent (1-for-1
+    exchanges of a kept and a removed expert, all of them scored at once, until none improves) from the greedy
+    subset and, our addition, from the F-prune and S-prune subsets, keeping the best, so never worse than those
+    two on the objective. The search scores subsets exactly but is local (no optimality guarantee); it reached
+    the exhaustive optimum on every demo-model layer tested (tests/test_subset_search.py). No seed is involved.
+
+    Cost: the loss is a quadratic form in the sparse gate vector, ||sum_a w_a Y_a - y||^2
+    = sum_ab w_a w_b M_ab - 2 sum_a w_a <Y_a, y> + ||y||^2 per token, with M the per-token Gram matrix of the
+    experts' outputs, computed once (`o_prune_problem`); no subset needs an expert run after that.
+    """
+    n, k_keep = ctx.experts.count, ctx.keep
+    prob = o_prune_problem(ctx)
+    exhaustive = math.comb(n, k_keep) <= O_PRUNE_EXHAUSTIVE
     if exhaustive:
-        cands = np.array(list(itertools.combinations(range(n), k_keep)), dtype=np.int64).reshape(total, k_keep)
+        kept, loss, scored = subset_search.exhaustive(prob)
+        info: dict = {"search": "exhaustive", "subsets": scored}
     else:
-        rng = np.random.default_rng([opts.seed, ctx.layer])
-        draws = [np.sort(rng.random((min(8192, O_PRUNE_MAX_SUBSETS - i), n)).argsort(axis=1)[:, :k_keep], axis=1)
-                 for i in range(0, O_PRUNE_MAX_SUBSETS, 8192)]
-        seeds = np.array([top_ids(ctx.stats.counts, k_keep), top_ids(ctx.stats.prob_mass, k_keep)], dtype=np.int64)
-        cands = np.concatenate([seeds, *draws])
-    subsets = torch.from_numpy(cands).to(dev)
-    reduced = Routing(min(ctx.routing.top_k, k_keep), ctx.routing.renormalize)
-    kr = reduced.top_k
-    batch = max(1, _SCORE_BUDGET // (s * max(k_keep, kr * kr)))
-    losses = torch.empty(len(subsets), dtype=torch.float64, device=dev)
-    flat = gram.view(s, 1, n * n)
-    for b0 in range(0, len(subsets), batch):
-        sub = subsets[b0 : b0 + batch]  # (B, K)
-        nb = sub.shape[0]
-        w, loc = route(logits[:, sub], reduced)  # (S, B, kr), exactly as the pruned model routes
-        w = w.double()
-        ids = torch.gather(sub.expand(s, nb, k_keep), 2, loc)  # original expert ids
-        lin = (w * torch.gather(cross[:, None, :].expand(s, nb, n), 2, ids)).sum((0, 2))
-        pair = (ids[..., :, None] * n + ids[..., None, :]).reshape(s, nb, kr * kr)
-        quad = torch.gather(flat.expand(s, nb, n * n), 2, pair).view(s, nb, kr, kr)
-        losses[b0 : b0 + nb] = (torch.matmul(quad, w[..., None]).squeeze(-1) * w).sum((0, 2)) - 2 * lin + ref
-    best = int(torch.argmin(losses))
-    kept = cands[best].tolist()
-    rel = math.sqrt(max(float(losses[best]), 0.0) / ref) if ref > 0 else 0.0
-    log.debug("o-prune layer %d: kept %s of %d subsets (rel. error %.4f)", ctx.layer, kept, len(cands), rel)
-    extra = {"o_prune": {"subsets": len(cands), "exhaustive": exhaustive, "tokens": s, "rel_error": round(rel, 6)}}
+        starts = [top_ids(ctx.stats.counts, k_keep), top_ids(ctx.stats.prob_mass, k_keep)]
+        res = subset_search.search(prob, starts)
+        kept = res.kept
+        # Reported as the exhaustive path scores it (fp32 softmax, like the pruned model), so figures compare.
+        loss = float(subset_search.subset_losses(prob, torch.tensor([kept]))[0])
+        info = {"search": "greedy+swaps", "subsets": res.evaluated, "swaps": res.swaps}
+    rel = math.sqrt(max(loss, 0.0) / prob.ref) if prob.ref > 0 else 0.0
+    log.debug("o-prune layer %d: kept %s (%s, rel. error %.4f)", ctx.layer, kept, info["search"], rel)
+    extra = {"o_prune": {**info, "exhaustive": exhaustive, "tokens": prob.logits.shape[0], "rel_error": round(rel, 6)}}
     return prune_plan(ctx, kept, extra)
 
 
