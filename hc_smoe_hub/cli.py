@@ -1,6 +1,8 @@
 """The `hc-smoe-push` command: parse the arguments, call the pipeline, print the outcome. Nothing else.
 
-Run `hc-smoe-push --help`. User errors print one line on stderr and exit with status 2.
+Run `hc-smoe-push --help`. User errors print one line on stderr and exit with status 2; a failure after the merge
+says how to finish the job (`--eval-only`, `--push-only`), one during it how to resume (`--resume`). An unexpected
+exception is one line naming the stage and the log; its traceback is in `run.log` (runlog.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from hc_smoe_hub.errors import HcSmoeError
 from hc_smoe_hub.merge import MergeRequest
 from hc_smoe_hub.merging import MERGE_MODES, ROUTER_MODES
 from hc_smoe_hub.methods import METHODS, MethodOptions
+from hc_smoe_hub.run_state import RunState, failure_line, without_token
+from hc_smoe_hub.runlog import RUN_LOG, pending_log_path
+
+_traceback_log = logging.getLogger("hc_smoe_push.failure")  # outside the tool's logger: run.log only
 
 DEFAULTS = MethodOptions()
 
@@ -36,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", help="target Hub repo (default: <your user>/<source>-<method>-<K>e)")
     p.add_argument("--private", action="store_true", help="create the target repo as private")
     p.add_argument("--push-only", metavar="DIR", help="push a finished output directory (e.g. after a failed upload)")
+    p.add_argument("--eval-only", metavar="DIR",
+                   help="evaluate a finished output directory and write its card (then push it, with --repo-id)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge of the same command: finished layers are not merged again")
     p.add_argument("--demo", action="store_true",
                    help="run offline on a small trained MoE shipped with the package (no push unless --repo-id)")
     p.add_argument("--demo-model", default="mixtral", choices=["mixtral", "qwen-moe"],
@@ -79,35 +89,59 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-batch-size", default="8", help="lm-eval batch size (a number or 'auto')")
     e.add_argument("--limit", type=float, default=None, help="examples per task (a count, or a fraction < 1)")
     e.add_argument("--skip-eval", action="store_true", help="do not evaluate")
+    e.add_argument("--max-memory", default=None,
+                   help="accelerate's per-device memory budget for evaluation, e.g. '0=70GiB,cpu=200GiB' (the "
+                   "rest is offloaded to disk)")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     r.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
     r.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     r.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="show every library's log on the terminal too (it always goes to run.log)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    state = RunState(args, argv)
     try:
-        return _run(args, list(sys.argv[1:] if argv is None else argv))
-    except HcSmoeError as exc:
-        print(f"hc-smoe-push: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hc-smoe-push: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+        return _run(args, argv, state)
+    except BaseException as exc:  # noqa: BLE001  (every failure becomes one line; the traceback goes to run.log)
+        if isinstance(exc, SystemExit):
+            raise
+        code, line = failure_line(exc, state)
+        if state.log is not None:
+            # A refusal is its own explanation; anything else keeps its traceback in the log.
+            plain = isinstance(exc, HcSmoeError) and not isinstance(exc.__cause__, Exception | KeyboardInterrupt)
+            _traceback_log.error("%s", line, exc_info=None if plain else exc)
+        print(f"hc-smoe-push: error: {line}", file=sys.stderr)
+        return code
+    finally:
+        state.close()
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from hc_smoe_hub.pipeline import JobRequest, push_only, run_job
+def _run(args: argparse.Namespace, argv: list[str], state: RunState) -> int:
+    from hc_smoe_hub.pipeline import eval_only, push_only, run_job
 
     if args.push_only:
+        state.open_log(Path(args.push_only) / RUN_LOG, into_dir=True)
+        state.stage = "push"
         url = push_only(Path(args.push_only), args.repo_id, args.token, args.private, args.overwrite)
         print(f"pushed {args.push_only} to {url}")
+        return 0
+    if args.eval_only:
+        directory = Path(args.eval_only)
+        if not directory.is_dir():
+            raise HcSmoeError(f"--eval-only {directory}: no such directory; give the output directory of a "
+                              "finished merge")
+        state.open_log(directory / RUN_LOG, into_dir=True)
+        state.output_dir = directory
+        job = build_job(args, argv, source="", keep="", output=directory, push=args.repo_id is not None)
+        result = eval_only(directory, job, on_stage=state.on_stage)
+        _print_summary(result, args)
         return 0
     include_path = args.include_path
     if args.demo:
@@ -129,8 +163,35 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         tasks = args.tasks.split(",") if args.tasks else None
         push = not args.no_push
     name = "demo-" + args.demo_model if args.demo else source.rstrip("/").split("/")[-1]
+    if args.paper:
+        args.method, args.linkage, args.metric, args.merge = "hc-smoe", "average", "euclidean", "freq"
+        args.router, args.sequential = "fit", False
     output = Path(args.output_dir or f"{name}-{args.method}-{keep}")
+    state.output_dir, state.push, state.tasks, state.include_path = output, push, tasks, include_path
+    state.open_log(pending_log_path(output), into_dir=False)
+    job = build_job(args, argv, source=source, keep=keep, output=output, push=push, calibration=calibration,
+                    seq_len=seq_len, tasks=tasks, include_path=include_path)
+    job.on_checkpoint = state.checkpoint_ready
+    result = run_job(job, on_stage=state.on_stage)
+    _print_summary(result, args)
+    return 0
+
+
+def build_job(args: argparse.Namespace, argv: list[str], *, source: str, keep: str, output: Path, push: bool,
+              calibration: str | None = None, seq_len: int | None = None, tasks: list[str] | None = None,
+              include_path: str | None = None):
+    """The pipeline's request from the parsed arguments (for a merge, or for --eval-only with no source)."""
+    from hc_smoe_hub.pipeline import JobRequest
+
+    include_path = include_path if include_path is not None else args.include_path
+    if tasks is None and args.tasks:
+        tasks = args.tasks.split(",")
     evaluation = None
+    max_memory = None
+    if args.max_memory:
+        from hc_smoe_hub.evaluation import parse_max_memory
+
+        max_memory = parse_max_memory(args.max_memory)
     if not args.skip_eval:
         from hc_smoe_hub.evaluation import PAPER_TASKS, EvalSettings
 
@@ -139,14 +200,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         evaluation = EvalSettings(tasks=[t.strip() for t in (tasks or PAPER_TASKS) if t.strip()],
                                   num_fewshot=args.num_fewshot, batch_size=batch, limit=limit,
                                   include_path=include_path)
-    if args.paper:
-        args.method, args.linkage, args.metric, args.merge = "hc-smoe", "average", "euclidean", "freq"
-        args.router, args.sequential = "fit", False
     request = MergeRequest(
         source=source,
         keep=keep,
         output_dir=output,
-        calibration=CalibrationSpec(calibration, args.num_samples, seq_len, args.seed),
+        calibration=CalibrationSpec(calibration or args.calibration, args.num_samples, seq_len or 2048, args.seed),
         options=MethodOptions(args.method, args.linkage, args.metric, args.merge, args.router,
                               args.paper_frequency, args.seed),
         sequential=args.sequential,
@@ -156,35 +214,33 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         overwrite=args.overwrite,
         revision=args.revision,
         token=args.token,
+        resume=args.resume,
     )
-    job = JobRequest(merge=request, push=push, repo_id=args.repo_id, private=args.private, evaluation=evaluation,
-                     command=reproduce_command(argv))
-    result = run_job(job)
+    return JobRequest(merge=request, push=push, repo_id=args.repo_id, private=args.private, evaluation=evaluation,
+                      command=reproduce_command(argv) if source else "", max_memory=max_memory)
+
+
+def _print_summary(result, args: argparse.Namespace) -> None:
     merged = result.merge
-    print(f"merged {merged.experts_before} -> {merged.experts_after} experts per layer "
-          f"({merged.family}, method {args.method}): {result.output_dir}")
+    if merged is not None:
+        print(f"merged {merged.experts_before} -> {merged.experts_after} experts per layer "
+              f"({merged.family}, method {args.method}): {result.output_dir}")
+    else:
+        print(f"evaluated {result.output_dir}")
     if result.results_after is not None:
         print(results_table(result.results_before or {}, result.results_after))
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     if result.repo_url:
         print(f"pushed to {result.repo_url}")
-    return 0
+
+
+# Options that change how a run goes, not what it makes: the card's command leaves them out.
+_RUN_ONLY_FLAGS = ("--resume", "--overwrite", "--verbose", "-v", "-q", "--quiet")
 
 
 def reproduce_command(argv: list[str]) -> str:
-    """The command line that reproduces this run, with any token removed."""
-    words, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        if word == "--token":
-            skip = True
-            continue
-        if word.startswith("--token="):
-            continue
-        words.append(word)
-    return shlex.join(["hc-smoe-push", *words])
+    """The command line that reproduces this run, with any token (and run-only switches) removed."""
+    return shlex.join(["hc-smoe-push", *(w for w in without_token(argv) if w not in _RUN_ONLY_FLAGS)])
 
 
 def results_table(before: dict, after: dict) -> str:

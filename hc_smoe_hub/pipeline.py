@@ -1,8 +1,10 @@
-"""The whole job, top to bottom: access check, download, merge, evaluate, model card, push.
+"""The whole job, top to bottom: checks, download, merge, then evaluation, model card and push.
 
-Every check that can fail fast runs before compute: the Hub token and write access, the target repo, the source,
---keep, the calibration text and the disk. Evaluation and the card are written inside the merge's temporary
-directory, so an output directory only ever appears complete.
+Every check that can fail fast runs before any download or compute: the options, the output directory, the Hub
+token and write access, the evaluation tasks and their data, the source's config and --keep. The merged checkpoint
+is complete and in place before evaluation starts; a failure after that raises `UnfinishedJob`, which names the
+stage and carries the checkpoint's directory, so the caller can say how to finish (`--eval-only`, `--push-only`).
+Evaluation results and the card are written atomically, file by file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import os
 import platform
+import shlex
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ import torch
 
 from hc_smoe_hub import __version__
 from hc_smoe_hub.checkpoint import SourceCheckpoint
-from hc_smoe_hub.errors import HcSmoeError
+from hc_smoe_hub.errors import HcSmoeError, OutputError
 from hc_smoe_hub.merge import PROVENANCE_NAME, MergeRequest, MergeResult, merge_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,9 @@ class JobRequest:
     evaluation: Any | None = None  # evaluation.EvalSettings; None skips evaluation
     eval_cache_dir: Path = field(default_factory=lambda: default_cache_dir() / "eval")
     command: str = ""  # the command that reproduces this run, for the card
+    max_memory: dict[str, Any] | None = None  # accelerate's per-device budget for evaluation
+    # Told the output directory as soon as the merged checkpoint is in place (the CLI moves its log there).
+    on_checkpoint: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -104,12 +111,58 @@ def checkpoint_size(directory: Path) -> tuple[int, int]:
     return params, disk
 
 
-def _load_for_eval(directory: Path, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class UnfinishedJob(HcSmoeError):
+    """A stage after the merge failed; the merged checkpoint in `output_dir` is complete and loadable."""
 
-    dtype = torch.float32 if device.type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(directory)
+    def __init__(self, stage: str, output_dir: Path, cause: BaseException, repo_id: str | None = None):
+        self.stage, self.output_dir, self.cause, self.repo_id = stage, Path(output_dir), cause, repo_id
+        reason = str(cause) if isinstance(cause, HcSmoeError) else f"{type(cause).__name__}: {cause}"
+        if isinstance(cause, KeyboardInterrupt):
+            reason = "interrupted"
+        super().__init__(f"{stage} failed ({reason}); the merged checkpoint is complete in {output_dir}")
+
+
+def preflight(request: JobRequest) -> None:
+    """Every refusal that needs no download: options, the output directory, evaluation tasks and their data."""
+    from hc_smoe_hub.checkpoint import parse_size
+    from hc_smoe_hub.merge import pick_dtype
+
+    mreq = request.merge
+    device = pick_device(mreq.device)
+    pick_dtype(mreq.dtype, device, "BF16")
+    try:
+        max_shard = parse_size(mreq.max_shard_size)
+    except ValueError as exc:
+        raise HcSmoeError(f"--max-shard-size: {exc}") from None
+    if max_shard <= 0:
+        raise HcSmoeError(f"--max-shard-size must be positive, got '{mreq.max_shard_size}'")
+    out = Path(mreq.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not mreq.overwrite:
+        raise OutputError(f"output directory {out} exists and is not empty: remove it, pass --overwrite, or "
+                          f"choose another --output-dir")
+    _check_partial(mreq)
+    if request.evaluation is not None:
+        from hc_smoe_hub import evaluation
+
+        # Unknown tasks and unreachable task data fail now, not after hours of merging.
+        evaluation.prepare_tasks(request.evaluation)
+
+
+def _check_partial(mreq: MergeRequest) -> None:
+    """A dead run's finished layers are neither silently redone nor discarded: refuse before the download."""
+    from hc_smoe_hub.resume import STATE_NAME, PartialMergeError, partial_dir_for
+
+    partial = partial_dir_for(mreq.output_dir)
+    if mreq.resume or mreq.overwrite or not partial.is_dir():
+        return
+    try:
+        finished = int(json.loads((partial / STATE_NAME).read_text())["next_layer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no resumable state: the merge itself decides (discard an empty one, refuse a damaged one)
+    if finished > 0:
+        raise PartialMergeError(f"a partial merge of an earlier run ({finished} decoder layers finished) is in "
+                                f"{partial}: run the same command with --resume to continue it, or with "
+                                "--overwrite to discard it", partial, "exists")
 
 
 def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) -> JobResult:
@@ -117,6 +170,7 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     timings: dict[str, float] = {}
     notify = on_stage or (lambda _name: None)
     mreq = request.merge
+    preflight(request)
     repo_id = None
     if request.push:
         from hc_smoe_hub import hub
@@ -133,11 +187,6 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     from hc_smoe_hub.architectures import spec_for
     from hc_smoe_hub.merge import is_hub_id, parse_keep, resolve_source
 
-    if request.evaluation is not None:
-        from hc_smoe_hub import evaluation
-
-        evaluation.check_tasks(request.evaluation)  # a missing lm-eval or task fails now, not after the merge
-
     notify("download")
     if is_hub_id(mreq.source):
         from hc_smoe_hub import hub
@@ -151,37 +200,121 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
     mreq.revision = revision
     _stage(timings, "download", t)
 
-    results: dict[str, Any] = {}
+    notify("merge")
+    merged = merge_checkpoint(mreq, src_dir=src_dir)
+    timings.update(merged.timings)
+    if request.on_checkpoint is not None:
+        request.on_checkpoint(merged.output_dir)
+    finished = complete(merged.output_dir, request, src_dir=src_dir, repo_id=repo_id, timings=timings,
+                        notify=notify)
+    return JobResult(merged.output_dir, repo_id, finished.repo_url, merged, finished.results_before,
+                     finished.results_after, finished.timings)
 
-    def finish(tmp: Path, merged: MergeResult) -> None:
-        timings.update(merged.timings)
-        device = pick_device(mreq.device)
+
+def eval_only(directory: Path, request: JobRequest, on_stage: Callable[[str], None] | None = None) -> JobResult:
+    """Evaluate a finished output directory, write its results and card, then push when asked."""
+    directory = Path(directory).resolve()
+    provenance = read_finished(directory, "--eval-only")
+    notify = on_stage or (lambda _name: None)
+    timings: dict[str, float] = {k: float(v) for k, v in provenance.get("timings_s", {}).items()}
+    mreq = request.merge
+    mreq.source = provenance["source"]["id"]
+    mreq.revision = provenance["source"].get("revision")
+    preflight_eval = JobRequest(merge=mreq, evaluation=request.evaluation)
+    pick_device(mreq.device)
+    if preflight_eval.evaluation is not None:
+        from hc_smoe_hub import evaluation
+
+        evaluation.prepare_tasks(preflight_eval.evaluation)
+    repo_id = None
+    if request.push:
+        from hc_smoe_hub import hub
+
+        notify("access")
+        repo_id = hub.check_push_access(
+            request.repo_id, token=mreq.token,
+            default_name=default_repo_name(mreq.source, provenance["method"], str(provenance["experts_after"])),
+            overwrite=mreq.overwrite, private=request.private)
+    from hc_smoe_hub.merge import resolve_source
+
+    notify("download")
+    src_dir, _revision = resolve_source(mreq.source, mreq.revision, mreq.token)
+    finished = complete(directory, request, src_dir=src_dir, repo_id=repo_id, timings=timings, notify=notify)
+    return JobResult(directory, repo_id, finished.repo_url, None, finished.results_before, finished.results_after,
+                     finished.timings)
+
+
+@dataclass
+class _Finished:
+    repo_url: str | None
+    results_before: dict | None
+    results_after: dict | None
+    timings: dict[str, float]
+
+
+def complete(out: Path, request: JobRequest, *, src_dir: Path, repo_id: str | None, timings: dict[str, float],
+             notify: Callable[[str], None]) -> _Finished:
+    """Evaluation, card and push of a merged checkpoint that is already in place at `out`.
+
+    Any failure, Ctrl-C included, becomes `UnfinishedJob` naming the stage: the checkpoint itself is never touched.
+    """
+    stage = "evaluation"
+    results: dict[str, Any] = {}
+    provenance = json.loads((out / PROVENANCE_NAME).read_text())
+    device = pick_device(request.merge.device)
+    try:
         if request.evaluation is not None:
-            results["before"], results["after"] = _evaluate_both(request, src_dir, revision, tmp, device, timings,
-                                                                 notify)
-            (tmp / EVAL_RESULTS_NAME).write_text(json.dumps(
+            results["before"], results["after"] = _evaluate_both(request, src_dir, provenance, out, device,
+                                                                 timings, notify)
+            _write_atomic(out / EVAL_RESULTS_NAME, json.dumps(
                 {"original": results["before"], "merged": results["after"],
                  "settings": request.evaluation.as_dict()}, indent=2) + "\n")
+        stage = "card"
         notify("card")
-        _write_card(request, repo_id, src_dir, revision, tmp, merged, results, timings, device)
+        _write_card(request, repo_id, src_dir, out, provenance, results, timings, device)
+        repo_url = None
+        if request.push and repo_id:
+            from hc_smoe_hub import hub
 
-    notify("merge")
-    merged = merge_checkpoint(mreq, src_dir=src_dir, finalize=finish)
-
-    repo_url = None
-    if request.push and repo_id:
-        notify("push")
-        t = time.perf_counter()
-        repo_url = hub.push_folder(merged.output_dir, repo_id, token=mreq.token, private=request.private,
-                                   delete_stale=mreq.overwrite,
-                                   commit_message=f"HC-SMoE merge of {mreq.source}: {merged.experts_before} -> "
-                                   f"{merged.experts_after} experts per layer")
-        _stage(timings, "push", t)
-    return JobResult(merged.output_dir, repo_id, repo_url, merged, results.get("before"), results.get("after"),
-                     timings)
+            stage = "push"
+            notify("push")
+            t = time.perf_counter()
+            repo_url = hub.push_folder(
+                out, repo_id, token=request.merge.token, private=request.private,
+                delete_stale=request.merge.overwrite,
+                commit_message=f"HC-SMoE merge of {provenance['source']['id']}: {provenance['experts_before']} -> "
+                f"{provenance['experts_after']} experts per layer")
+            _stage(timings, "push", t)
+    except (Exception, KeyboardInterrupt) as exc:
+        raise UnfinishedJob(stage, out, exc, repo_id) from exc
+    return _Finished(repo_url, results.get("before"), results.get("after"), timings)
 
 
-def _evaluate_both(request: JobRequest, src_dir: Path, revision: str | None, merged_dir: Path,
+def read_finished(directory: Path, flag: str) -> dict[str, Any]:
+    """The provenance of a complete merged checkpoint in `directory`; refuses anything less, before any work."""
+    directory = Path(directory)
+    prov_path = directory / PROVENANCE_NAME
+    if not directory.is_dir():
+        raise HcSmoeError(f"{flag} {directory}: no such directory; give the output directory of a finished merge")
+    if not prov_path.exists() or not (directory / "config.json").exists():
+        raise HcSmoeError(f"{flag} {directory}: not a finished hc-smoe-push output (no {PROVENANCE_NAME} or "
+                          "config.json); finish the merge first (same command with --resume)")
+    try:
+        provenance = json.loads(prov_path.read_text())
+        provenance["source"]["id"], provenance["experts_after"], provenance["method"]  # noqa: B018
+    except (ValueError, KeyError, TypeError):
+        raise HcSmoeError(f"{flag} {directory}: {PROVENANCE_NAME} is unreadable; merge again") from None
+    SourceCheckpoint(directory)  # refuses missing or truncated shards before anything is evaluated or uploaded
+    return provenance
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _evaluate_both(request: JobRequest, src_dir: Path, provenance: dict, merged_dir: Path,
                    device: torch.device, timings: dict[str, float], notify: Callable[[str], None]):
     from hc_smoe_hub import evaluation
 
@@ -189,16 +322,26 @@ def _evaluate_both(request: JobRequest, src_dir: Path, revision: str | None, mer
     settings.device = str(device)
     notify("evaluate original")
     t = time.perf_counter()
-    identity = {"source": request.merge.source, "revision": revision,
+    identity = {"source": provenance["source"]["id"], "revision": provenance["source"].get("revision"),
                 "weights": _weights_fingerprint(src_dir), "dtype": "float32" if device.type == "cpu" else "auto"}
-    before = evaluation.cached_evaluate(request.eval_cache_dir, identity, lambda: _load_for_eval(src_dir, device),
-                                        settings)
-    _stage(timings, "eval_original", t)
-    notify("evaluate merged")
-    t = time.perf_counter()
-    model, tokenizer = _load_for_eval(merged_dir, device)
-    after = evaluation.evaluate(model, tokenizer, settings)
-    del model
+    offload = merged_dir.parent / f".{merged_dir.name}.offload"
+
+    def load(directory: Path):
+        # Each model offloads into a fresh folder: the original's offloaded weights are gone before the merged
+        # model is placed.
+        shutil.rmtree(offload, ignore_errors=True)
+        return evaluation.load_for_eval(directory, device, request.max_memory, offload)
+
+    try:
+        before = evaluation.cached_evaluate(request.eval_cache_dir, identity, lambda: load(src_dir), settings)
+        _stage(timings, "eval_original", t)
+        notify("evaluate merged")
+        t = time.perf_counter()
+        model, tokenizer = load(merged_dir)
+        after = evaluation.evaluate(model, tokenizer, settings)
+        del model
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
     _stage(timings, "eval_merged", t)
     for task in after:
         acc_b, acc_a = before.get(task, {}).get("acc"), after[task].get("acc")
@@ -213,37 +356,68 @@ def _weights_fingerprint(src_dir: Path) -> str:
     return "|".join(parts)
 
 
-def _write_card(request: JobRequest, repo_id: str | None, src_dir: Path, revision: str | None, out: Path,
-                merged: MergeResult, results: dict, timings: dict[str, float], device: torch.device) -> None:
+def _write_card(request: JobRequest, repo_id: str | None, src_dir: Path, out: Path, provenance: dict,
+                results: dict, timings: dict[str, float], device: torch.device) -> None:
+    """Render the card into a staging folder inside `out`, then move each file into place."""
     from hc_smoe_hub.card import CardInputs, inherit_license, write_card
 
-    mreq = request.merge
     params_before, disk_before = checkpoint_size(src_dir)
     params_after, disk_after = checkpoint_size(out)
-    provenance = json.loads((out / PROVENANCE_NAME).read_text())
-    calibration = mreq.calibration.source
-    if Path(calibration).expanduser().is_file():
+    calib = provenance["calibration"]
+    calibration = calib["source"]
+    if Path(calibration).expanduser().is_file() or Path(calibration).suffix in (".txt", ".jsonl", ".gz", ".json"):
         calibration = Path(calibration).name  # a local file: its name, not the user's directory layout
-    settings = {"keep": merged.experts_after, **mreq.options.as_dict(),
-                "calibration": calibration, "num_samples": mreq.calibration.num_samples,
-                "seq_len": mreq.calibration.seq_len, "calibration_seed": mreq.calibration.seed,
-                "sequential": mreq.sequential, "compute_dtype": provenance["compute_dtype"]}
+    settings = {"keep": provenance["experts_after"], **provenance["options"],
+                "calibration": calibration, "num_samples": calib["num_samples"],
+                "seq_len": calib["seq_len"], "calibration_seed": calib["seed"],
+                "sequential": provenance["sequential"], "compute_dtype": provenance["compute_dtype"]}
     eval_settings = request.evaluation.as_dict() if request.evaluation is not None else None
-    local = Path(mreq.source).expanduser().is_dir()
-    inputs = CardInputs(
-        source_id=Path(mreq.source).name if local else mreq.source, source_is_local=local,
-        source_revision=revision, model_family=merged.model_type,
-        method=mreq.options.method, settings=settings, experts_before=merged.experts_before,
-        experts_after=merged.experts_after, top_k_before=merged.top_k_before, top_k_after=merged.top_k_after,
-        params_before=params_before, params_after=params_after, disk_bytes_before=disk_before,
-        disk_bytes_after=disk_after, clusters={r.layer: r.clusters for r in merged.layers},
-        results_before=results.get("before"), results_after=results.get("after"), eval_settings=eval_settings,
-        command=request.command, tool_version=__version__, hardware=hardware_description(device),
-        timings=dict(timings), repo_id=repo_id or Path(mreq.output_dir).name,
-        calibration_dataset=calibration,
-        **inherit_license(src_dir, out),
-    )
-    write_card(inputs, out)
+    source = provenance["source"]["id"]
+    local = Path(source).expanduser().is_dir() or not _looks_like_hub_id(source)
+    staging = out / ".card-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        inputs = CardInputs(
+            source_id=Path(source).name if local else source, source_is_local=local,
+            source_revision=provenance["source"].get("revision"), model_family=provenance.get("model_type") or "",
+            method=provenance["method"], settings=settings, experts_before=provenance["experts_before"],
+            experts_after=provenance["experts_after"], top_k_before=provenance["top_k_before"],
+            top_k_after=provenance["top_k_after"],
+            params_before=params_before, params_after=params_after, disk_bytes_before=disk_before,
+            disk_bytes_after=disk_after, clusters={r["layer"]: r["clusters"] for r in provenance["layers"]},
+            results_before=results.get("before"), results_after=results.get("after"), eval_settings=eval_settings,
+            command=request.command or reproduce_from_provenance(provenance), tool_version=__version__,
+            hardware=hardware_description(device), timings=dict(timings), repo_id=repo_id or out.name,
+            calibration_dataset=calibration,
+            **inherit_license(src_dir, staging),
+        )
+        write_card(inputs, staging)
+        for f in staging.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    from hc_smoe_hub.merge import REPO_ID
+
+    return bool(REPO_ID.match(source)) and not source.startswith((".", "/", "~"))
+
+
+def reproduce_from_provenance(provenance: dict) -> str:
+    """The command that makes this checkpoint again, from its own record (for a card written by --eval-only)."""
+    opts, calib = provenance["options"], provenance["calibration"]
+    words = [provenance["source"]["id"], "--keep", str(provenance["experts_after"]), "--method", opts["method"]]
+    for key in ("linkage", "metric", "merge", "router"):
+        if key in opts:
+            words += [f"--{key}", str(opts[key])]
+    words += ["--calibration", Path(calib["source"]).name if Path(calib["source"]).suffix else calib["source"],
+              "--num-samples", str(calib["num_samples"]), "--seq-len", str(calib["seq_len"]),
+              "--seed", str(calib["seed"]), "--sequential" if provenance["sequential"] else "--one-shot"]
+    if provenance["source"].get("revision"):
+        words += ["--revision", provenance["source"]["revision"]]
+    return shlex.join(["hc-smoe-push", *words])
 
 
 def push_only(directory: Path, repo_id: str | None, token: str | None, private: bool, overwrite: bool) -> str:
@@ -251,11 +425,7 @@ def push_only(directory: Path, repo_id: str | None, token: str | None, private: 
     from hc_smoe_hub import hub
 
     directory = Path(directory)
-    prov_path = directory / PROVENANCE_NAME
-    if not prov_path.exists() or not (directory / "config.json").exists():
-        raise HcSmoeError(f"{directory} is not a finished hc-smoe-push output (no {PROVENANCE_NAME} or config.json)")
-    SourceCheckpoint(directory)  # refuses missing or truncated shards before anything is uploaded
-    prov = json.loads(prov_path.read_text())
+    prov = read_finished(directory, "--push-only")
     name = default_repo_name(prov["source"]["id"], prov["method"], str(prov["experts_after"]))
     target = hub.check_push_access(repo_id, token=token, default_name=name, overwrite=overwrite, private=private)
     return hub.push_folder(directory, target, token=token, private=private, delete_stale=overwrite,

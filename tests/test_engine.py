@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from hc_smoe_hub.architectures import spec_for
 from hc_smoe_hub.checkpoint import SourceCheckpoint
 from hc_smoe_hub.cli import main
+from hc_smoe_hub.merge import partial_dir_for
 from hc_smoe_hub.synthetic import build_tiny_moe
 
 
@@ -70,7 +71,7 @@ def test_reduced_checkpoint_loads_with_stock_transformers(family, tiny_models, m
         assert len(layer["clusters"]) == 5
         assert abs(sum(layer["frequencies"]) - 1) < 1e-4
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
-    assert not list(out.parent.glob(".out.partial-*"))
+    assert not partial_dir_for(out).exists()
 
 
 def test_qwen3_writes_both_expert_count_keys(tiny_models, merge_args, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import pytest
@@ -138,5 +139,75 @@ def test_unknown_eval_task_is_refused_before_the_merge(tmp_path, calib_file, cap
             "--include-path", str(task_dir())]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "unknown lm-eval task(s): no_such_task" in err and "merging layers" not in err
+    # Offline (as here) the line says the Hub holding lm-eval's own tasks is unreachable; online, that it is unknown.
+    line = [x for x in err.splitlines() if x.startswith("hc-smoe-push:")][0]
+    assert "no_such_task" in line and "--tasks" in line and "merging layers" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--max-shard-size", "lots"], ["--max-shard-size"]),
+    (["--dtype", "int3"], ["--dtype"]),
+    (["--device", "cuda:7"], ["--device"]),
+    (["--max-memory", "0=seventy"], ["--max-memory"]),
+])
+def test_bad_runtime_options_are_refused_before_any_download(seeded, tmp_path, calib_file, capsys, extra, words):
+    refused(capsys, [*job_args(tmp_path, calib_file, "--token", ALICE, "--no-push"), *extra], tmp_path / "out", *words)
+    assert not any("/resolve/" in path for _method, path in seeded.requests)
+
+
+def test_existing_output_and_dead_partial_are_refused_before_any_download(seeded, tmp_path, calib_file, capsys):
+    from hc_smoe_hub.merge import partial_dir_for
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(job_args(tmp_path, calib_file, "--token", ALICE, "--no-push")) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
+    out2 = tmp_path / "out2"
+    partial = partial_dir_for(out2)
+    partial.mkdir()
+    (partial / "resume.json").write_text(json.dumps({"next_layer": 2}))
+    argv = [a if a != str(out) else str(out2) for a in job_args(tmp_path, calib_file, "--token", ALICE, "--no-push")]
+    assert main(argv) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hc-smoe-push:")][0]
+    assert "--resume" in line and str(partial) in line and ALICE not in line
+    assert not any("/resolve/" in path for _method, path in seeded.requests)
+
+
+@pytest.mark.parametrize("flag", ["--eval-only", "--push-only"])
+def test_finishing_an_incomplete_directory_is_refused_before_any_work(seeded, tmp_path, capsys, flag):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert main([flag, str(half), "--repo-id", "alice/x", "--token", ALICE, "--skip-eval"]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hc-smoe-push:")]
+    assert len(lines) == 1 and "not a finished hc-smoe-push output" in lines[0]
+    assert not seeded.repo_exists("alice/x")
+    assert not any("/resolve/" in path for _method, path in seeded.requests)
+
+
+def test_interrupted_merge_resumes_with_the_printed_command(tmp_path, calib_file, capsys, monkeypatch):
+    from hc_smoe_hub import streaming
+
+    src = build_tiny_moe(tmp_path / "src", "mixtral")
+    out = tmp_path / "out"
+    argv = [str(src), "--keep", "4", "--output-dir", str(out), "--no-push", "--skip-eval", "--calibration",
+            str(calib_file), "--num-samples", "4", "--seq-len", "64"]
+    real = streaming.StreamingMerger._process_layer
+    calls = []
+
+    def interrupt_after_two(self, layers, layer_idx, *args, **kwargs):
+        calls.append(layer_idx)
+        if layer_idx == 2 and len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, layers, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(streaming.StreamingMerger, "_process_layer", interrupt_after_two)
+    assert main(argv) == 130
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hc-smoe-push:")][0]
+    assert "interrupted during the merge" in line and "--resume" in line and not out.exists()
+    words = shlex.split(line.split("resume with `", 1)[1].split("`", 1)[0])
+    assert main(words[1:]) == 0
+    assert calls[3:] == list(range(2, len(calls) - 1)) and 0 not in calls[3:]
+    assert (out / "hc_smoe.json").exists() and (out / "run.log").exists()

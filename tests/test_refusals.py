@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PhimoeConfig
 
 from hc_smoe_hub import merge as merge_module
 from hc_smoe_hub.cli import main
+from hc_smoe_hub.merge import partial_dir_for
 from hc_smoe_hub.synthetic import build_tokenizer
 
 
@@ -23,7 +24,7 @@ def refuse(capsys, argv: list[str], out: Path, *expected: str) -> str:
     for word in expected:
         assert word in lines[0], lines[0]
     assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    assert not partial_dir_for(out).exists()
     return lines[0]
 
 
@@ -100,14 +101,14 @@ def test_calibration_too_short_is_refused(tiny_models, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("just a few words\n")
     out = tmp_path / "out"
-    refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push",
+    refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push", "--skip-eval",
                     "--calibration", str(short), "--num-samples", "4", "--seq-len", "64"], out,
            "fewer than 4 blocks", "--num-samples")
 
 
 def test_missing_calibration_file_is_refused(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
-    refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push",
+    refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push", "--skip-eval",
                     "--calibration", str(tmp_path / "none.jsonl")], out, "does not exist")
 
 
@@ -116,7 +117,7 @@ def test_unreachable_calibration_dataset_is_refused(tiny_models, tmp_path, capsy
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     out = tmp_path / "out"
-    refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push",
+    refuse(capsys, [str(tiny_models["mixtral"]), "--keep", "4", "--output-dir", str(out), "--no-push", "--skip-eval",
                     "--calibration", "someone/no-such-dataset", "--num-samples", "2", "--seq-len", "32"], out,
            "cannot load calibration dataset", "someone/no-such-dataset")
 
