@@ -308,6 +308,8 @@ def push_folder(
                 token=token,
                 repo_type="model",
                 delete_patterns="*" if delete_stale else None,
+                # The run's own log (local paths, library chatter) and any leftover temporary file stay local.
+                ignore_patterns=["run.log", ".*", ".*/**"],
             )
         except Exception as exc:
             cause = _scrub(_describe(exc), token)

@@ -48,6 +48,7 @@ def test_pull_merge_evaluate_push_and_load_back(seeded, tmp_path, calib_file, ca
                  "eval_comparison.png", "LICENSE", "tokenizer.json"):
         assert name in files, name
     assert all(ALICE.encode() not in data for data in files.values())
+    assert "run.log" not in files and (tmp_path / "out" / "run.log").exists()
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == SOURCE and card.data.base_model_relation == "merge"
     assert card.data.license == "apache-2.0"
