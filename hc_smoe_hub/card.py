@@ -471,5 +471,5 @@ def write_card(inputs: CardInputs, out_dir: Path) -> Path:
             with_figure = False
     readme = out_dir / CARD_NAME
     readme.write_text(render_card(inputs, with_figure=with_figure), encoding="utf-8")
-    log.info("Wrote the model card %s", readme)
+    log.debug("Wrote the model card %s", readme)
     return readme

@@ -6,6 +6,7 @@ comes from the checkpoint's provenance, so both write the same card.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shlex
@@ -17,6 +18,8 @@ import torch
 
 from hc_smoe_hub import __version__
 from hc_smoe_hub.checkpoint import SourceCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 def hardware_description(device: torch.device) -> str:
@@ -85,6 +88,7 @@ def write_checkpoint_card(out: Path, provenance: dict[str, Any], *, src_dir: Pat
         write_card(inputs, staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
+        log.info("wrote the model card %s", out / "README.md")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
