@@ -212,3 +212,17 @@ def test_interrupted_merge_resumes_with_the_printed_command(tmp_path, calib_file
     assert main(words[1:]) == 0
     assert calls[3:] == list(range(2, len(calls) - 1)) and 0 not in calls[3:]
     assert (out / "hc_smoe.json").exists() and (out / "run.log").exists()
+
+
+def test_eval_only_with_repo_id_evaluates_and_pushes_a_finished_merge(seeded, tmp_path, calib_file, capsys):
+    out = tmp_path / "out"
+    assert main(job_args(tmp_path, calib_file, "--no-push", "--skip-eval")) == 0
+    assert not (out / "eval_results.json").exists()
+    argv = ["--eval-only", str(out), "--tasks", "demo_mc", "--include-path", str(task_dir()), "--limit", "8",
+            "--repo-id", "alice/finished", "--token", ALICE, "-q"]
+    assert main(argv) == 0, capsys.readouterr().err
+    files = seeded.repo_files("alice/finished")
+    assert "eval_results.json" in files and "README.md" in files and "run.log" not in files
+    results = json.loads(files["eval_results.json"])
+    assert "demo_mc" in results["original"] and 0 <= results["merged"]["demo_mc"]["acc"] <= 1
+    assert ModelCard(files["README.md"].decode()).data.base_model == SOURCE
