@@ -1,0 +1,165 @@
+"""How much memory and disk a merge and an evaluation of a MoE model need, from its config.json alone.
+
+Pure functions of a config dict (a multimodal config's nested `text_config` is read when present), so that a
+machine can be sized before anything is downloaded. Parameter counts follow the standard transformers layouts:
+grouped-query attention with optional q/k/v biases and q/k norms, or multi-head latent attention when the config
+has `kv_lora_rank` (DeepSeek-V3); routed experts, a shared expert (Qwen's `shared_expert_intermediate_size` with
+its one-row gate, or DeepSeek's `n_shared_experts`), dense layers (`first_k_dense_replace`, `mlp_only_layers`,
+`decoder_sparse_step`). Byte counts use the checkpoint's dtype (`dtype` / `torch_dtype`, bf16 when absent).
+
+The merge figure is the streaming engine's measured peak (benchmarks/real_shapes.py, benchmarks/RESULTS.md):
+one decoder layer held in the source dtype, one expert's fp32 working set, the calibration hidden states and the
+method's per-layer buffers; it does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# Default calibration of `hc-smoe-push`: 32 blocks of 2048 tokens (the paper's).
+DEFAULT_CALIBRATION_TOKENS = 32 * 2048
+# Fixed process overhead measured beside the merge (interpreter, torch, transformers, the model skeleton).
+PROCESS_BYTES = GIB
+# Peak of a merge, in units of one decoder layer's weight bytes: the layer as read (source dtype), plus the
+# merged experts being written and one expert's fp32 working set (benchmarks/RESULTS.md, real-shape section).
+LAYER_FACTOR = 2.5
+# fp32 (T, H) buffers alive per calibration token at the peak: the hidden states carried between layers, the MoE
+# block's input, the original routed output and the refit's residual.
+HIDDEN_COPIES = 4
+# Families whose attention normalizes queries and keys: per head (one head_dim vector each for q and k) or over
+# the whole projection (one vector of the projection's width each).
+QK_NORMS = {"qwen3_moe": "head", "olmoe": "projection"}
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: `text_config` of a multimodal config, else the config itself."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def source_dtype_bytes(config: dict[str, Any]) -> int:
+    """Bytes per weight of the checkpoint as stored (its `dtype`/`torch_dtype`; bf16 when absent)."""
+    cfg = text_config(config)
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
+               or "bfloat16")
+    return DTYPE_BYTES.get(name.removeprefix("torch."), 2)
+
+
+def num_routed_experts(config: dict[str, Any]) -> int:
+    cfg = text_config(config)
+    for key in EXPERT_COUNT_KEYS:
+        if cfg.get(key):
+            return int(cfg[key])
+    raise ValueError(f"config.json has none of {EXPERT_COUNT_KEYS}: not a Mixture-of-Experts model")
+
+
+def _expert_intermediate(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+
+
+def _head_dim(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def attention_params(config: dict[str, Any]) -> int:
+    """Weights of one decoder layer's attention and its two norms."""
+    cfg = text_config(config)
+    h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    norms = 2 * h
+    if cfg.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek-V2/V3)
+        q_rank, kv_rank = int(cfg.get("q_lora_rank") or 0), int(cfg["kv_lora_rank"])
+        nope, rope, v = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"])
+        q = h * q_rank + q_rank + q_rank * heads * (nope + rope) if q_rank else h * heads * (nope + rope)
+        kv = h * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v)
+        return q + kv + heads * v * h + norms
+    kv_heads, hd = int(cfg.get("num_key_value_heads") or heads), _head_dim(cfg)
+    proj = h * heads * hd + 2 * h * kv_heads * hd + heads * hd * h
+    bias = (heads * hd + 2 * kv_heads * hd) if cfg.get("attention_bias", cfg.get("qkv_bias", False)) else 0
+    qk_norm = {"head": 2 * hd, "projection": (heads + kv_heads) * hd}.get(QK_NORMS.get(cfg.get("model_type", "")), 0)
+    return proj + bias + qk_norm + norms
+
+
+def expert_params(config: dict[str, Any]) -> int:
+    """Weights of one routed expert (gate, up and down projections)."""
+    cfg = text_config(config)
+    return 3 * int(cfg["hidden_size"]) * _expert_intermediate(cfg)
+
+
+def moe_block_params(config: dict[str, Any]) -> int:
+    """Weights of one MoE block: routed experts, router (and its score bias), shared expert and its gate."""
+    cfg = text_config(config)
+    h, n = int(cfg["hidden_size"]), num_routed_experts(cfg)
+    total = n * expert_params(cfg) + n * h
+    if cfg.get("topk_method") == "noaux_tc" or cfg.get("n_group"):  # DeepSeek's e_score_correction_bias
+        total += n
+    if cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE: one shared expert with a one-row gate
+        total += 3 * h * int(cfg["shared_expert_intermediate_size"]) + h
+    if cfg.get("n_shared_experts"):  # DeepSeek: shared experts of the routed experts' width
+        total += int(cfg["n_shared_experts"]) * expert_params(cfg)
+    return total
+
+
+def moe_layers(config: dict[str, Any]) -> list[int]:
+    """Indices of the decoder layers that carry routed experts."""
+    cfg = text_config(config)
+    layers = int(cfg["num_hidden_layers"])
+    dense = set(cfg.get("mlp_only_layers") or [])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    first = int(cfg.get("first_k_dense_replace") or 0)
+    return [i for i in range(layers) if i not in dense and (i + 1) % step == 0 and i >= first]
+
+
+def layer_weight_bytes(config: dict[str, Any]) -> int:
+    """Bytes of one MoE decoder layer's weights as stored: attention, norms, router, routed and shared experts."""
+    return (attention_params(config) + moe_block_params(config)) * source_dtype_bytes(config)
+
+
+def _total_params(config: dict[str, Any], keep: int | None = None) -> int:
+    cfg = text_config(config)
+    h, vocab = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    reduced = dict(cfg)
+    if keep is not None:
+        reduced.update({k: keep for k in EXPERT_COUNT_KEYS if cfg.get(k)})
+    moe = moe_layers(cfg)
+    dense_mlp = 3 * h * int(cfg.get("intermediate_size") or 4 * _expert_intermediate(cfg))
+    layers = int(cfg["num_hidden_layers"])
+    body = layers * attention_params(cfg) + len(moe) * moe_block_params(reduced) \
+        + (layers - len(moe)) * dense_mlp
+    head = 0 if cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False)) else vocab * h
+    return vocab * h + head + h + body
+
+
+def checkpoint_bytes(config: dict[str, Any], dtype_bytes: int = 2, *, keep: int | None = None) -> int:
+    """Bytes of the whole model's weights at `dtype_bytes` per weight; with `keep`, of the reduced model with
+    `keep` routed experts per MoE layer (what the merge writes)."""
+    return _total_params(config, keep) * dtype_bytes
+
+
+def disk_bytes(config: dict[str, Any], keep: int, dtype_bytes: int = 2) -> int:
+    """Disk a merge needs: the source checkpoint plus the reduced one it writes."""
+    return checkpoint_bytes(config, dtype_bytes) + checkpoint_bytes(config, dtype_bytes, keep=keep)
+
+
+def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATION_TOKENS) -> int:
+    """Peak resident memory of a streaming merge, on CPU (or on one GPU, the device share of it).
+
+    LAYER_FACTOR x one decoder layer's weight bytes + HIDDEN_COPIES fp32 (T, H) buffers over the `tokens`
+    calibration tokens + PROCESS_BYTES. It does not depend on the depth, nor on the method beyond what LAYER_FACTOR
+    covers (measured for the default and `--paper`).
+    """
+    hidden = int(text_config(config)["hidden_size"])
+    return int(LAYER_FACTOR * layer_weight_bytes(config)) + HIDDEN_COPIES * 4 * tokens * hidden + PROCESS_BYTES
+
+
+def eval_peak_bytes(config: dict[str, Any], dtype_bytes: int = 2, *, batch_tokens: int = 8 * 2048) -> int:
+    """Memory an evaluation needs: the whole model's weights at `dtype_bytes`, plus the activations of one batch of
+    `batch_tokens` tokens (fp32 logits over the vocabulary, a few hidden-size and expert-width buffers) and
+    PROCESS_BYTES. An estimate from the shapes, not a measurement."""
+    cfg = text_config(config)
+    h, vocab = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    per_token = 4 * vocab + 8 * 4 * h + 2 * 4 * top_k * _expert_intermediate(cfg)
+    return checkpoint_bytes(config, dtype_bytes) + batch_tokens * per_token + PROCESS_BYTES
