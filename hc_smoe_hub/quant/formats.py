@@ -1,0 +1,96 @@
+"""The `QuantFormat` strategies: on-disk key names and layout for one quantized weight, per format.
+
+The tensor math lives in `fp8_block.py` and `mxfp4.py`; these classes only name the keys and move axes so that
+callers see the same tensor an unquantized checkpoint stores under the weight's key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from hc_smoe_hub.quant import fp8_block, mxfp4
+from hc_smoe_hub.quant.errors import UnsupportedQuantizationError
+
+
+@runtime_checkable
+class QuantFormat(Protocol):
+    """How one weight of a quantized checkpoint is stored; see the package docstring for the contract."""
+
+    name: str
+
+    def tensor_keys(self, weight_key: str) -> list[str]: ...
+
+    def is_quantized(self, weight_key: str, disk_keys: Collection[str]) -> bool: ...
+
+    def dequantize(
+        self, tensors: Mapping[str, torch.Tensor], weight_key: str, dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor: ...
+
+    def quantize(self, weight: torch.Tensor, weight_key: str) -> dict[str, torch.Tensor]: ...
+
+
+def _take(tensors: Mapping[str, torch.Tensor], keys: list[str]) -> list[torch.Tensor]:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise UnsupportedQuantizationError(
+            f"The checkpoint lacks {', '.join(missing)} for a quantized weight: the download is incomplete or the "
+            "repository is not in the format its quantization_config names; download it again."
+        )
+    return [tensors[k] for k in keys]
+
+
+@dataclass(frozen=True)
+class Fp8BlockFormat:
+    """FP8 e4m3 with per-block ``weight_scale_inv`` (DeepSeek-V3 convention)."""
+
+    block: tuple[int, int] = (128, 128)
+    pow2_scales: bool = False  # scale_fmt "ue8m0": scales rounded up to powers of two
+    scale_dtype: torch.dtype = torch.float32  # the dtype of weight_scale_inv written by `quantize`
+    name: str = "fp8"
+
+    def tensor_keys(self, weight_key: str) -> list[str]:
+        # "x.weight" -> "x.weight_scale_inv"; a fused "experts.down_proj" -> "experts.down_proj_scale_inv"
+        return [weight_key, weight_key + "_scale_inv"]
+
+    def is_quantized(self, weight_key: str, disk_keys: Collection[str]) -> bool:
+        return all(k in disk_keys for k in self.tensor_keys(weight_key))
+
+    def dequantize(
+        self, tensors: Mapping[str, torch.Tensor], weight_key: str, dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        q, scale_inv = _take(tensors, self.tensor_keys(weight_key))
+        return fp8_block.dequantize(q, scale_inv, block=self.block, dtype=dtype)
+
+    def quantize(self, weight: torch.Tensor, weight_key: str) -> dict[str, torch.Tensor]:
+        q, scale_inv = fp8_block.quantize(weight, block=self.block, pow2_scales=self.pow2_scales)
+        weight_name, scale_name = self.tensor_keys(weight_key)
+        return {weight_name: q, scale_name: scale_inv.to(self.scale_dtype)}
+
+
+@dataclass(frozen=True)
+class Mxfp4Format:
+    """gpt-oss MXFP4: ``<key>_blocks`` and ``<key>_scales``, rows = output features on disk."""
+
+    name: str = "mxfp4"
+
+    def tensor_keys(self, weight_key: str) -> list[str]:
+        return [weight_key + "_blocks", weight_key + "_scales"]
+
+    def is_quantized(self, weight_key: str, disk_keys: Collection[str]) -> bool:
+        return all(k in disk_keys for k in self.tensor_keys(weight_key))
+
+    def dequantize(
+        self, tensors: Mapping[str, torch.Tensor], weight_key: str, dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        blocks, scales = _take(tensors, self.tensor_keys(weight_key))
+        # Disk rows are output features; the unquantized gpt-oss layout is (..., in, out)
+        return mxfp4.dequantize(blocks, scales, dtype=dtype).transpose(-1, -2).contiguous()
+
+    def quantize(self, weight: torch.Tensor, weight_key: str) -> dict[str, torch.Tensor]:
+        blocks, scales = mxfp4.quantize(weight.transpose(-1, -2))
+        blocks_name, scales_name = self.tensor_keys(weight_key)
+        return {blocks_name: blocks, scales_name: scales}
