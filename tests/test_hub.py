@@ -3,6 +3,8 @@
 Each test gets a fresh `LoopbackHub` on 127.0.0.1, a temporary HF_HOME / cache / token path, HF_HUB_OFFLINE
 cleared, and an HTTP client whose only addition is a guard that fails the test if any request leaves the
 loopback host (huggingface_hub would otherwise fetch its agent registry from huggingface.co, for example).
+`HF_HUB_DISABLE_XET=1` is set: the loopback Hub serves Git LFS (batch API, basic transfer) for weights, as the
+Hub does for clients without Xet, but cannot serve Xet storage.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def hf_env(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    # Weights take the LFS path (Xet cannot be served locally); the variable also reaches subprocesses.
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     _http.set_client_factory(_loopback_only_client)
     yield home
     _http.set_client_factory(_http.default_client_factory)
@@ -165,12 +170,7 @@ def hub_server_gitattributes() -> bytes:
     return DEFAULT_GITATTRIBUTES
 
 
-@pytest.mark.parametrize("xet_installed", [True, False], ids=["pipelined-upload", "create-commit"])
-def test_upload_folder_then_snapshot_download_is_byte_identical(
-    hub, model_dir, tmp_path, monkeypatch, xet_installed
-):
-    # With hf_xet installed upload_folder streams through `_upload_pipeline`; without it, `create_commit`.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", not xet_installed)
+def test_upload_folder_takes_the_lfs_path_and_downloads_back_identical(hub, model_dir, tmp_path):
     api = HfApi(endpoint=hub.endpoint, token=ALICE)
     api.create_repo("alice/roundtrip")
     info = api.upload_folder(repo_id="alice/roundtrip", folder_path=model_dir, commit_message="Add model")
@@ -180,14 +180,24 @@ def test_upload_folder_then_snapshot_download_is_byte_identical(
         **_tree(model_dir),
     }
     assert hub.commit_titles("alice/roundtrip") == ["Add model", "initial commit"]
+    # The shard went through the LFS batch API, a PUT to the storage origin and verify; the rest inline.
+    assert hub.lfs_paths("alice/roundtrip") == {"model.safetensors"}
+    pushed = [(m, p.split("/upload/")[0]) for m, p in hub.requests]
+    batch = pushed.index(("POST", "/alice/roundtrip.git/info/lfs/objects/batch"))
+    assert pushed[batch + 1 : batch + 3] == [
+        ("PUT", "/lfs-storage"),
+        ("POST", "/alice/roundtrip.git/info/lfs/objects/verify"),
+    ]
+    assert pushed[batch + 3] == ("POST", "/api/models/alice/roundtrip/commit/main")
 
     assert sorted(api.list_repo_files("alice/roundtrip")) == sorted([".gitattributes", *_tree(model_dir)])
-    top = {(e.path, type(e).__name__) for e in api.list_repo_tree("alice/roundtrip")}
-    assert ("extra", "RepoFolder") in top and ("extra/notes.txt", "RepoFile") not in top
-    assert [e.path for e in api.list_repo_tree("alice/roundtrip", path_in_repo="extra")] == [
-        "extra/notes.txt"
-    ]
+    top = {e.path: e for e in api.list_repo_tree("alice/roundtrip")}
+    assert type(top["extra"]).__name__ == "RepoFolder" and "extra/notes.txt" not in top
+    shard = (model_dir / "model.safetensors").read_bytes()
+    assert top["model.safetensors"].lfs.size == len(shard) and top["config.json"].lfs is None
+    assert [e.path for e in api.list_repo_tree("alice/roundtrip", path_in_repo="extra")] == ["extra/notes.txt"]
 
+    before = len(hub.requests)
     local = Path(
         snapshot_download(
             "alice/roundtrip", token=ALICE, endpoint=hub.endpoint, cache_dir=str(tmp_path / "cache")
@@ -195,12 +205,59 @@ def test_upload_folder_then_snapshot_download_is_byte_identical(
     )
     assert local.name == info.oid
     assert {k: v for k, v in _tree(local).items() if k != ".gitattributes"} == _tree(model_dir)
+    # The shard's bytes came from the LFS storage origin the /resolve redirect pointed at, not from the repo.
+    assert [m for m, p in hub.requests[before:] if p.startswith("/lfs-storage/objects/")] == ["GET"]
+    assert not [p for _, p in hub.requests if "xet" in p]
 
-    # Unchanged re-upload: the preupload `oid`s let the client skip every file, so no empty commit.
+    # Unchanged re-upload: the preupload `oid`s (sha256 for LFS) let the client skip every file: no commit.
     api.upload_folder(repo_id="alice/roundtrip", folder_path=model_dir, commit_message="again")
     assert hub.head("alice/roundtrip") == info.oid
-    # Content went inline ("regular"): no LFS batch, no Xet token.
-    assert not [p for _, p in hub.requests if ".git/" in p or "xet" in p]
+
+
+def test_lfs_shortcuts_are_refused(hub):
+    api = HfApi(endpoint=hub.endpoint, token=ALICE)
+    api.create_repo("alice/strict")
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    commit = f"{hub.endpoint}/api/models/alice/strict/commit/main"
+
+    def ndjson(*lines: dict) -> bytes:
+        import json
+
+        return "\n".join(json.dumps(x) for x in ({"key": "header", "value": {"summary": "x"}}, *lines)).encode()
+
+    never_uploaded = {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "0" * 64}}
+    answer = httpx2.post(commit, content=ndjson(never_uploaded), headers=auth)
+    assert answer.status_code == 400 and "LFS batch API" in answer.json()["error"]
+    inline = {"key": "file", "value": {"path": "w.safetensors", "encoding": "base64", "content": "AAAA"}}
+    answer = httpx2.post(commit, content=ndjson(inline), headers=auth)
+    assert answer.status_code == 400 and "through LFS" in answer.json()["error"]
+    batch = httpx2.post(
+        f"{hub.endpoint}/alice/strict.git/info/lfs/objects/batch",
+        json={"operation": "upload", "transfers": ["basic"], "objects": [{"oid": "a" * 64, "size": 3}]},
+        headers=auth,
+    ).json()
+    upload = batch["objects"][0]["actions"]["upload"]["href"]
+    assert not upload.startswith(hub.endpoint)  # another origin, as the Hub's object storage is
+    assert httpx2.put(upload, content=b"abc").status_code == 400  # content that does not hash to the oid
+    assert hub.commit_titles("alice/strict") == ["initial commit"]
+
+
+def test_with_xet_the_client_pipelines_regular_files_and_is_told_xet_is_not_served(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # hf_xet is installed: upload_folder pipelines
+    api = HfApi(endpoint=hub.endpoint, token=ALICE)
+    api.create_repo("alice/xet")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "config.json").write_text("{}")
+    (texts / "README.md").write_text("# hi\n")
+    api.upload_folder(repo_id="alice/xet", folder_path=texts, commit_message="texts")
+    assert set(hub.repo_files("alice/xet")) == {".gitattributes", "config.json", "README.md"}
+    (texts / "model.safetensors").write_bytes(SAFETENSORS_STUB)
+    # hf_xet asks for a write token, which the loopback Hub refuses with 501 (Xet storage is not served).
+    with pytest.raises(ConnectionError, match="501 Not Implemented"):
+        api.upload_folder(repo_id="alice/xet", folder_path=texts, commit_message="weights")
+    assert ("GET", "/api/models/alice/xet/xet-write-token/main") in hub.requests
+    assert "model.safetensors" not in hub.repo_files("alice/xet")
 
 
 def test_tree_listing_follows_pagination(hf_env):

@@ -1,8 +1,11 @@
 """A loopback Hugging Face Hub for tests: the real `huggingface_hub` client talks to it on 127.0.0.1.
 
 It speaks the subset of the Hub API that the installed `huggingface_hub` uses for whoami, repo creation, repo
-info, tree listing, preupload + ndjson commits and `/resolve` downloads, with the same request and response
-shapes (read from the installed client: `hf_api.py`, `_commit_api.py`, `file_download.py`, `utils/_http.py`).
+info, tree listing, preupload + ndjson commits, Git LFS (batch API, basic transfer, verify) and `/resolve`
+downloads, with the same request and response shapes (read from the installed client: `hf_api.py`,
+`_commit_api.py`, `lfs.py`, `file_download.py`, `utils/_http.py`). Weights (`.safetensors`, any file of 10 MB or
+more) are LFS, as on the Hub; Xet storage cannot be served, so clients must run with `HF_HUB_DISABLE_XET=1`
+(tests/test_hub.py's `hf_env` sets it), which makes them take the LFS path.
 Errors carry the `X-Error-Code` header that `hf_raise_for_status` maps to `RepositoryNotFoundError`,
 `GatedRepoError`, `RevisionNotFoundError` and `RemoteEntryNotFoundError`.
 
@@ -19,7 +22,9 @@ Layout, one concern per module:
   `fail_next` failure injection. No Hub semantics.
 - `auth.py`: users, orgs, tokens, whoami-v2 and the read / write permission rules.
 - `repos.py`: the repo store (commits, branches), repo create / delete, preupload and the ndjson commit.
-- `files.py`: model info, tree listing, `/resolve` downloads (with `Range`).
+- `lfs.py`: which files are LFS, the batch + verify endpoints, and a second loopback origin standing for the
+  Hub's object storage (presigned upload and download URLs; its requests land in the same `requests` log).
+- `files.py`: model info, tree listing, `/resolve` downloads (with `Range`; LFS files redirect to storage).
 - `hub.py`: `LoopbackHub`, which plugs the concerns together and carries the helpers tests call.
 
 Adding a concern (the hook): write a module with a class whose constructor takes the hub and registers its

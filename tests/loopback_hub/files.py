@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
 from .auth import Token, iso, oid24
+from .lfs import lfs_pointer, sha256_hex
 from .repos import REPO, Commit, Repo, Repos, git_blob_oid
 from .server import Answer, HubError, Request
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _tree_oid(files: Mapping[str, bytes], folder: str) -> str:
+def _tree_oid(commit: Commit, folder: str) -> str:
     digest = hashlib.sha1(folder.encode())
-    for path in sorted(p for p in files if p.startswith(folder + "/")):
-        digest.update(path.encode() + git_blob_oid(files[path]).encode())
+    for path in sorted(p for p in commit.files if p.startswith(folder + "/")):
+        digest.update(path.encode() + blob_oid(commit, path).encode())
     return digest.hexdigest()
+
+
+def blob_oid(commit: Commit, path: str) -> str:
+    """The git blob sha1 of what the git tree holds: the content, or for an LFS file its pointer."""
+    data = commit.files[path]
+    return git_blob_oid(lfs_pointer(data) if path in commit.lfs else data)
 
 
 class Files:
@@ -43,7 +49,11 @@ class Files:
         for path in sorted(commit.files):
             entry: dict[str, Any] = {"rfilename": path}
             if req.flag("blobs"):
-                entry.update(size=len(commit.files[path]), blobId=git_blob_oid(commit.files[path]))
+                data = commit.files[path]
+                entry.update(size=len(data), blobId=blob_oid(commit, path))
+                if path in commit.lfs:
+                    pointer_size = len(lfs_pointer(data))
+                    entry["lfs"] = {"sha256": sha256_hex(data), "size": len(data), "pointerSize": pointer_size}
             siblings.append(entry)
         return Answer.json(
             {
@@ -84,13 +94,16 @@ class Files:
                 folder = prefix + "/".join(rest[:depth])
                 entries[folder] = {
                     "type": "directory",
-                    "oid": _tree_oid(commit.files, folder),
+                    "oid": _tree_oid(commit, folder),
                     "size": 0,
                     "path": folder,
                 }
             if recursive or len(rest) == 1:
                 data = commit.files[path]
-                entries[path] = {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": path}
+                entries[path] = {"type": "file", "oid": blob_oid(commit, path), "size": len(data), "path": path}
+                if path in commit.lfs:
+                    pointer = lfs_pointer(data)
+                    entries[path]["lfs"] = {"oid": sha256_hex(data), "size": len(data), "pointerSize": len(pointer)}
         ordered = [entries[k] for k in sorted(entries)]
         start = int(req.query.get("cursor", ["0"])[0] or 0)
         page = ordered[start : start + self.tree_page_size]
@@ -135,6 +148,15 @@ class Files:
             # The client caches the missing file under this commit (`.no_exist`), as with the real Hub.
             error.headers["X-Repo-Commit"] = commit.oid
             raise error
+        if filename in commit.lfs and self.repos.lfs is not None:
+            # As the Hub does for LFS files: a redirect to the storage origin; the file's metadata rides on it.
+            sha = sha256_hex(data)
+            return Answer.redirect(self.repos.lfs.download_url(sha), headers={
+                "ETag": f'"{blob_oid(commit, filename)}"',
+                "X-Linked-Etag": f'"{sha}"',
+                "X-Linked-Size": str(len(data)),
+                "X-Repo-Commit": commit.oid,
+            })
         headers = {
             "Content-Type": "application/octet-stream",
             # A regular git file: its ETag is the blob sha1 (the Hub uses the sha256 only for LFS files).

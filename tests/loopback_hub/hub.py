@@ -8,6 +8,7 @@ from typing import Any
 
 from .auth import Auth, Token
 from .files import Files
+from .lfs import DEFAULT_LFS_THRESHOLD, Lfs, sha256_hex
 from .repos import Repos
 from .server import HubError, HubServer, Request
 
@@ -35,23 +36,19 @@ class LoopbackHub(HubServer):
         *,
         tree_page_size: int = 1000,
         max_body_bytes: int = 256 * 2**20,
+        lfs_threshold: int = DEFAULT_LFS_THRESHOLD,
         extensions: Mapping[str, Callable[[LoopbackHub], Any]] | None = None,
     ) -> None:
         super().__init__(max_body_bytes=max_body_bytes)
         self.tree_page_size = tree_page_size
         self.auth = Auth(self)
         self.store = Repos(self, self.auth)
+        self.lfs = Lfs(self, self.store, threshold=lfs_threshold)
+        self.store.lfs = self.lfs
         self.files = Files(self.store, tree_page_size=tree_page_size)
-        self.add_route(
-            "GET",
-            "/api/models/{ns}/{name}/xet-write-token/{rest...}",
-            _unsupported("Xet is not supported by the loopback hub (it answers uploadMode=regular)"),
-        )
-        self.add_route(
-            "GET",
-            "/api/models/{ns}/{name}/xet-read-token/{rest...}",
-            _unsupported("Xet is not supported by the loopback hub (it answers uploadMode=regular)"),
-        )
+        no_xet = "Xet storage cannot be served by the loopback hub: set HF_HUB_DISABLE_XET=1 (LFS is served)"
+        for kind in ("write", "read"):
+            self.add_route("GET", f"/api/models/{{ns}}/{{name}}/xet-{kind}-token/{{rest...}}", _unsupported(no_xet))
         self.extensions: dict[str, Any] = {
             name: factory(self) for name, factory in {**DEFAULT_EXTENSIONS, **(extensions or {})}.items()
         }
@@ -68,7 +65,12 @@ class LoopbackHub(HubServer):
 
     def start(self) -> LoopbackHub:
         super().start()
+        self.lfs.start()
         return self
+
+    def stop(self) -> None:
+        self.lfs.stop()
+        super().stop()
 
     def __enter__(self) -> LoopbackHub:
         return self.start()
@@ -108,7 +110,9 @@ class LoopbackHub(HubServer):
     ) -> str:
         """Create (or add a commit to) a model repo directly in the store; returns the new head commit sha.
 
-        `gated` / `private` default to False for a new repo and are left as they are for an existing one.
+        `gated` / `private` default to False for a new repo and are left as they are for an existing one. Files
+        the Hub would keep in LFS (`.safetensors`, large files) are stored as LFS objects, so downloads take the
+        client's LFS path.
         """
         contents = {path: Path(v).read_bytes() if isinstance(v, Path) else bytes(v) for path, v in files.items()}
         with self._lock:
@@ -118,8 +122,14 @@ class LoopbackHub(HubServer):
             if private is not None:
                 repo.private = private
             head = repo.commits[repo.branches["main"]]
+            lfs = set(head.lfs) - set(contents)
+            for path, data in contents.items():
+                if self.store.lfs_mode(head, path, len(data)):
+                    lfs.add(path)
+                    self.lfs.objects[sha256_hex(data)] = data
+                    repo.lfs_oids.add(sha256_hex(data))
             files_at_head = {**head.files, **contents}
-            return self.store.add_commit(repo, "main", message, "", files_at_head, head.oid, head.lfs).oid
+            return self.store.add_commit(repo, "main", message, "", files_at_head, head.oid, frozenset(lfs)).oid
 
     def grant_access(self, repo_id: str, user: str) -> None:
         """Accept the licence of a gated repo on behalf of `user`."""

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .auth import Auth, Token, oid24
+from .lfs import sha256_hex, wants_lfs
 from .server import Answer, HubError, Request
 
 if TYPE_CHECKING:
+    from .lfs import Lfs
     from .server import HubServer
 
 # The `.gitattributes` the Hub writes into every new model repo (abridged): a new repo is "empty" but for it.
@@ -58,6 +60,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     granted: set[str] = field(default_factory=set)
+    lfs_oids: set[str] = field(default_factory=set)  # sha256 of the LFS objects this repo holds
 
     @property
     def namespace(self) -> str:
@@ -71,7 +74,7 @@ class Repos:
         self.server = server
         self.auth = auth
         self.repos: dict[str, Repo] = {}
-        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, filled by the LFS transfer
+        self.lfs: Lfs | None = None  # plugged in by LoopbackHub; without it every file is regular
         self._counter = itertools.count()
         add = server.add_route
         add("GET", "/api/agent-harnesses", lambda req: Answer.json({"standardEnvVars": [], "harnesses": {}}))
@@ -107,6 +110,12 @@ class Repos:
         repo.commits[commit.oid] = commit
         repo.branches[branch] = commit.oid
         return commit
+
+    def lfs_mode(self, commit: Commit, path: str, size: int) -> bool:
+        """Whether the Hub would store `path` of `size` bytes as LFS on top of `commit`."""
+        if self.lfs is None or size == 0:  # the client sends empty files inline anyway
+            return False
+        return wants_lfs(path, size, commit.files.get(".gitattributes"), self.lfs.threshold)
 
     def resolve(self, repo: Repo, revision: str) -> Commit:
         if revision in repo.branches:
@@ -189,17 +198,11 @@ class Repos:
         files = []
         for item in req.json().get("files", []):
             path = str(item["path"])
+            lfs = self.lfs_mode(commit, path, int(item.get("size") or 0))
             existing = commit.files.get(path)
-            # Every file is "regular": the client then inlines its content in the commit and never takes the
-            # LFS / Xet path. `oid` lets it skip files that did not change, as on the real Hub.
-            files.append(
-                {
-                    "path": path,
-                    "uploadMode": "regular",
-                    "shouldIgnore": False,
-                    "oid": git_blob_oid(existing) if existing is not None else None,
-                }
-            )
+            # `oid` lets the client skip files that did not change: the sha256 for LFS, the git sha1 otherwise.
+            oid = None if existing is None else sha256_hex(existing) if lfs else git_blob_oid(existing)
+            files.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         return Answer.json({"files": files, "commitOid": commit.oid})
 
     def _commit(self, req: Request) -> Answer:
@@ -224,7 +227,7 @@ class Repos:
             raise HubError(412, f"parentCommit {parent} is not the head of {revision} ({head.oid})")
         files, lfs = dict(head.files), set(head.lfs)
         for line in lines[1:]:
-            self._apply(files, lfs, line.get("key"), line.get("value") or {})
+            self._apply(req, files, lfs, line.get("key"), line.get("value") or {})
         commit = self.add_commit(
             repo,
             revision,
@@ -243,7 +246,9 @@ class Repos:
             }
         )
 
-    def _apply(self, files: dict[str, bytes], lfs: set[str], key: Any, value: Mapping[str, Any]) -> None:
+    def _apply(
+        self, req: Request, files: dict[str, bytes], lfs: set[str], key: Any, value: Mapping[str, Any]
+    ) -> None:
         path = str(value.get("path", "")).strip("/")
         if not path:
             raise HubError(400, f"{key} operation without a path")
@@ -251,9 +256,15 @@ class Repos:
             if value.get("encoding") != "base64":
                 raise HubError(400, f"unsupported encoding {value.get('encoding')!r} for {path}")
             try:
-                files[path] = base64.b64decode(value["content"], validate=True)
+                content = base64.b64decode(value["content"], validate=True)
             except (KeyError, binascii.Error) as exc:
                 raise HubError(400, f"bad base64 content for {path}: {exc}") from None
+            if self.lfs is not None and content and wants_lfs(
+                path, len(content), files.get(".gitattributes"), self.lfs.threshold
+            ):
+                # Stricter than needed on purpose: a client that inlined a shard skipped the LFS path under test.
+                raise HubError(400, f"{path} must be uploaded through LFS (preupload said so)")
+            files[path] = content
             lfs.discard(path)
         elif key == "deletedFile":
             if files.pop(path, None) is None:
@@ -267,6 +278,10 @@ class Repos:
                 del files[p]
                 lfs.discard(p)
         elif key == "lfsFile":
-            raise HubError(400, f"LFS file {path} was never uploaded: the loopback hub only takes inline files")
+            if self.lfs is None or value.get("algo", "sha256") != "sha256":
+                raise HubError(400, f"LFS file {path}: this hub takes sha256 LFS objects only")
+            size = value.get("size")
+            files[path] = self.lfs.committed(req.token, req.repo_id, str(value.get("oid", "")), size)
+            lfs.add(path)
         else:
             raise HubError(400, f"unknown commit operation {key!r}")
