@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hc_smoe_hub import __version__
+from hc_smoe_hub import __version__, jobs_cli
 from hc_smoe_hub.calibration import DEFAULT_CALIBRATION, CalibrationSpec
 from hc_smoe_hub.clustering import LINKAGES, METRICS
 from hc_smoe_hub.errors import HcSmoeError
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="show every library's log on the terminal too (it always goes to run.log)")
+    jobs_cli.add_options(p)
     return p
 
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: list[str], state: RunState) -> int:
     from hc_smoe_hub.pipeline import eval_only, push_only, run_job
 
+    if args.on_jobs:
+        return jobs_cli.run_on_jobs(args, argv, build_parser())
     if args.push_only:
         state.open_log(Path(args.push_only) / RUN_LOG, into_dir=True)
         state.stage = "push"
