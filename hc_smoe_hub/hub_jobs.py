@@ -164,8 +164,16 @@ def submit(spec: JobSpecification, token: str, namespace: str) -> JobState:
 
 def follow_logs(job_id: str, namespace: str, token: str) -> Iterator[str]:
     """The job's log lines as they come, until the job ends."""
+    api, seen = _api(token), 0
     try:
-        yield from _api(token).fetch_job_logs(job_id=job_id, namespace=namespace, follow=True, token=token)
+        for line in api.fetch_job_logs(job_id=job_id, namespace=namespace, follow=True, token=token):
+            seen += 1
+            yield line
+        # The client stops at the first terminal stage it sees, which can come before the last lines it has not
+        # fetched yet: one replay of the whole log gives the rest.
+        for index, line in enumerate(api.fetch_job_logs(job_id=job_id, namespace=namespace, token=token)):
+            if index >= seen:
+                yield line
     except HfHubHTTPError as exc:
         raise JobsError(_failure(f"could not read the log of job {job_id}", exc, token)) from None
 

@@ -48,7 +48,7 @@ except ModuleNotFoundError:
 
 import gradio as gr
 
-from hc_smoe_hub import hub
+from hc_smoe_hub import hub, jobs_panel
 from hc_smoe_hub.architectures import SPECS
 from hc_smoe_hub.calibration import DEFAULT_CALIBRATION
 from hc_smoe_hub.clustering import LINKAGES
@@ -331,6 +331,7 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 private = gr.Checkbox(False, label="Private repository")
                 overwrite = gr.Checkbox(False, label="Replace the files of an existing target repository")
+        run_on, job_ref = jobs_panel.add_controls()
         run = gr.Button("Merge and push", variant="primary")
         status = gr.Markdown(elem_id="status")
         # Where gradio draws the progress bars (stage, then the current stage's tqdm bars), away from the text.
@@ -350,15 +351,16 @@ def build_demo() -> gr.Blocks:
         follow_log = "() => { const t = document.querySelector('#log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
         log_box.change(None, None, None, js=follow_log)
         run.click(
-            merge_and_push,
+            jobs_panel.routed(merge_and_push),
             [source, keep, calibration, repo_id, method, linkage, merge, router, num_samples, seq_len, tasks, limit,
-             include_path, private, overwrite],
-            [status, log_box, table, run],
+             include_path, private, overwrite, run_on],
+            [status, log_box, table, run, job_ref],
             api_name="merge_and_push",
             concurrency_limit=1,
             concurrency_id="merge",
             show_progress_on=[bars],
         )
+        demo.load(jobs_panel.reattach, [job_ref], [status, log_box, job_ref], api_visibility="private")
     return demo.queue(max_size=32)
 
 
