@@ -18,8 +18,11 @@ import pytest
 from loopback_hub import LoopbackHub
 from loopback_hub.jobs import Jobs
 from test_hub import ALICE, hf_env  # noqa: F401  (pytest fixture)
-from test_space import SOURCE, local_env, pytestmark, space  # noqa: F401  (fixtures, warning filters)
+from test_space import SOURCE, client, form, local_env, pytestmark, space  # noqa: F401  (fixtures, warning filters)
 from test_space_browser import page  # noqa: F401  (fixture)
+
+from hc_smoe_hub import hub_jobs, jobs_panel
+from hc_smoe_hub.hub_jobs import JobSpecification
 
 JOB_TIMEOUT_MS = 90_000
 
@@ -66,3 +69,22 @@ def test_too_large_for_the_space_goes_to_jobs_and_a_reload_reattaches(space, pag
     expect(page.locator("#log textarea")).to_have_value(re.compile(r"calibration", re.IGNORECASE))
     assert len(jobs.jobs) == 1
     assert jobs.wait(job_id, timeout=5) == "ERROR"
+
+
+def test_choosing_jobs_runs_the_cli_checks_first(space, calib_file):  # noqa: F811
+    """The Jobs choice refuses, in one line and before submitting, what a remote machine cannot do."""
+    outputs = client(space.url, oauth_token=ALICE).predict(**form(calib_file, run_on=jobs_panel.ON_JOBS),
+                                                           api_name="/merge_and_push")
+    assert "Cannot start" in outputs[0] and "local file the job cannot read" in outputs[0].replace("\\", "")
+    assert space.hub.extensions["jobs"].jobs == {}
+
+
+def test_a_completed_job_ends_with_the_pushed_repo_link(space):  # noqa: F811
+    """What the page shows of a job that completed: the repo from the job's label, linked, and the job."""
+    spec = JobSpecification(image="python:3.12", command=["python", "-c", "print('merged and pushed')"],
+                            flavor="t4-small", timeout_s=60, labels={"app": "hc-smoe-hub", "repo": "alice--tiny-2e"})
+    job = hub_jobs.submit(spec, ALICE, "alice")
+    updates = list(jobs_panel.follow(f"alice/{job.id}", ALICE, None, None))
+    status, log_text = updates[-1][0], updates[-1][1]
+    assert status.startswith(f"### Pushed to [alice/tiny-2e]({space.hub.endpoint}/alice/tiny-2e)")
+    assert job.id in status and log_text == "merged and pushed"
