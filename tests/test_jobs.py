@@ -176,3 +176,12 @@ def test_job_arguments_drop_what_only_concerns_the_submission():
     assert jobs_flavor.parse_timeout("90m") == 5400 and jobs_flavor.parse_timeout("3600") == 3600
     with pytest.raises(hub_jobs.JobsError, match="--timeout"):
         jobs_flavor.parse_timeout("soon")
+
+
+def test_without_a_terminal_it_asks_for_yes_instead_of_submitting(jobs_hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    code = main(["--demo", "--on-jobs", "--repo-id", "alice/x", "--skip-eval"])  # pytest's stdin is no terminal
+    out, err = capsys.readouterr()
+    assert code == 2 and "pass --yes" in err
+    assert "Hugging Face Jobs: t4-small" in out  # the plan was shown, nothing submitted
+    assert _submitted(jobs_hub) == []
