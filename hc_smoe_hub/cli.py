@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted merge of the same command: finished layers are not merged again")
     p.add_argument("--demo", action="store_true",
                    help="run offline on a small trained MoE shipped with the package (no push unless --repo-id)")
-    p.add_argument("--demo-model", default="mixtral", choices=["mixtral", "qwen-moe"],
+    p.add_argument("--demo-model", default="mixtral", choices=["mixtral", "qwen-moe", "qwen15-moe"],
                    help="which shipped demo model --demo uses (default mixtral)")
     p.add_argument("--revision", help="source revision (branch, tag or commit) on the Hub")
     p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login)")

@@ -9,6 +9,8 @@ models are trained from scratch on one CPU thread (the other core of the build m
 * `mixtral-demo`  -- MixtralConfig, 8 experts, top-2.
 * `qwen-moe-demo` -- Qwen2MoeConfig, 16 experts, top-4, a shared expert, `norm_topk_prob=False`
   (as Qwen1.5-MoE).
+* `qwen15-moe-demo` -- Qwen2MoeConfig with Qwen1.5-MoE-A2.7B's expert layout: 60 small routed experts, top-4,
+  a shared expert with its sigmoid gate, `norm_topk_prob=False`.
 
 Both use a router load-balancing loss, applied per layer, so every expert of every layer is trained. The final
 models are saved in bfloat16 and evaluated (held-out next-token loss, expert usage, the lm-eval demo tasks);
@@ -19,6 +21,10 @@ Usage (from the repository root; the whole run is seeded):
     python scripts/train_demo.py                     # data + tokenizer + both models + evaluation
     python scripts/train_demo.py --data-only         # rebuild only the data files and the tokenizer
     python scripts/train_demo.py --models mixtral    # one model
+    python scripts/train_demo.py --models qwen15-moe # only the 60-expert model (the others stay as shipped)
+
+Data files and the tokenizer are rewritten only when their content changes, so training one model leaves the
+shipped data of the others byte-identical.
 """
 
 from __future__ import annotations
@@ -333,18 +339,24 @@ def build_mc_items(heldout: list[Document], n_items: int = MC_ITEMS,
     return items
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` unless the file already holds exactly it (so shipped files keep their bytes)."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    log.warning("%s changed: rewriting it", path.relative_to(REPO))
+    path.write_text(text, encoding="utf-8")
+
+
 def write_data(splits: dict[str, list[Document]]) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
-    (DATA / "NOTICE").write_text(DATA_NOTICE + "\n")
-    (DATA / "calibration.txt").write_text("\n\n".join(d.text for d in splits["calibration"]) + "\n")
-    with open(DATA / "heldout.jsonl", "w") as f:
-        for doc in splits["heldout"]:
-            f.write(json.dumps({"text": doc.text, "source": doc.name}) + "\n")
-    with open(DATA / "heldout_mc.jsonl", "w") as f:
-        for item in build_mc_items(splits["heldout"]):
-            f.write(json.dumps(item) + "\n")
+    write_if_changed(DATA / "NOTICE", DATA_NOTICE + "\n")
+    write_if_changed(DATA / "calibration.txt", "\n\n".join(d.text for d in splits["calibration"]) + "\n")
+    write_if_changed(DATA / "heldout.jsonl", "".join(
+        json.dumps({"text": doc.text, "source": doc.name}) + "\n" for doc in splits["heldout"]))
+    write_if_changed(DATA / "heldout_mc.jsonl", "".join(
+        json.dumps(item) + "\n" for item in build_mc_items(splits["heldout"])))
     split_names = {k: [d.name for d in v] for k, v in splits.items()}
-    (DATA / "splits.json").write_text(json.dumps(split_names, indent=1) + "\n")
+    write_if_changed(DATA / "splits.json", json.dumps(split_names, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -382,8 +394,17 @@ MODEL_CONFIGS: dict[str, PretrainedConfig] = {
         num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
         decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, **COMMON,
     ),
+    # Qwen1.5-MoE-A2.7B's expert layout (60 routed experts, top-4, one gated shared expert), scaled down so the
+    # directory stays the size of the others: the experts are narrow (32), not few.
+    "qwen15-moe": Qwen2MoeConfig(
+        hidden_size=192, intermediate_size=512, moe_intermediate_size=32,
+        shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, **COMMON,
+    ),
 }
-MODEL_DIRS = {"mixtral": DEMO / "mixtral-demo", "qwen-moe": DEMO / "qwen-moe-demo"}
+MODEL_DIRS = {"mixtral": DEMO / "mixtral-demo", "qwen-moe": DEMO / "qwen-moe-demo",
+              "qwen15-moe": DEMO / "qwen15-moe-demo"}
 
 
 @dataclass

@@ -21,7 +21,9 @@ EXPECTED = {
     # name: (model_type, config key of the expert count, experts, top-k)
     "mixtral": ("mixtral", "num_local_experts", 8, 2),
     "qwen-moe": ("qwen2_moe", "num_experts", 16, 4),
+    "qwen15-moe": ("qwen2_moe", "num_experts", 60, 4),  # Qwen1.5-MoE-A2.7B's expert layout
 }
+METRICS = json.loads((DEMO_MODELS["mixtral"].parent / "metrics.json").read_text())
 
 
 def _heldout_blocks(tokenizer, n_blocks: int = 6) -> torch.Tensor:
@@ -74,6 +76,28 @@ def test_demo_model_is_trained(name):
     torch.manual_seed(0)
     untrained = AutoModelForCausalLM.from_config(model.config).eval()
     assert _mean_loss(untrained, blocks) > bar  # the bar is one that an untrained model fails
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_MODELS))
+def test_demo_model_routes_as_recorded(name):
+    """The shipped weights route the held-out text as metrics.json (and TRAINING.md) record, every expert used."""
+    directory = DEMO_MODELS[name]
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    config = model.config
+    n_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    counts = torch.zeros(len(METRICS[name]["expert_usage"]), n_experts)
+    with torch.no_grad():
+        for chunk in _heldout_blocks(tokenizer, 64).split(16):
+            logits = model(input_ids=chunk, output_router_logits=True).router_logits
+            for layer, layer_logits in enumerate(logits):
+                idx = layer_logits.float().topk(config.num_experts_per_tok, dim=-1).indices
+                counts[layer] += torch.bincount(idx.flatten(), minlength=n_experts).float()
+    usage = counts / counts.sum(dim=1, keepdim=True)
+    recorded = torch.tensor(METRICS[name]["expert_usage"])
+    assert torch.allclose(usage, recorded, atol=2e-3), (usage - recorded).abs().max()
+    assert float(usage.min()) > 0.1 / n_experts  # the per-layer balancing loss left no expert idle
+    assert METRICS[name]["config"]["num_experts_per_tok"] == config.num_experts_per_tok
 
 
 def test_calibration_text_is_long_enough():

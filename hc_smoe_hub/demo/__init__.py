@@ -1,4 +1,4 @@
-"""Demo assets shipped with the package: two small, really trained MoE models, their calibration text and two
+"""Demo assets shipped with the package: three small, really trained MoE models, their calibration text and two
 lm-eval tasks on held-out text, so expert merging can be tried and judged offline in minutes on a CPU.
 
 Everything was produced by `scripts/train_demo.py` from the Python 3.11 documentation (PSF License Agreement);
@@ -29,6 +29,8 @@ TASK_TEMPLATES_DIR = DEMO_DIR / "tasks"
 DEMO_MODELS: dict[str, Path] = {
     "mixtral": DEMO_DIR / "mixtral-demo",  # MixtralForCausalLM: 8 experts, top-2
     "qwen-moe": DEMO_DIR / "qwen-moe-demo",  # Qwen2MoeForCausalLM: 16 experts, top-4, one shared expert
+    # Qwen2MoeForCausalLM with Qwen1.5-MoE-A2.7B's expert layout: 60 narrow experts, top-4, one shared expert
+    "qwen15-moe": DEMO_DIR / "qwen15-moe-demo",
 }
 CALIBRATION_TEXT: Path = DATA_DIR / "calibration.txt"  # documents separated by blank lines
 HELDOUT_TEXT: Path = DATA_DIR / "heldout.jsonl"  # {"text", "source"} per line; never seen in training
