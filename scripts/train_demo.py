@@ -12,13 +12,13 @@ models are trained from scratch on one CPU thread (the other core of the build m
 * `qwen15-moe-demo` -- Qwen2MoeConfig with Qwen1.5-MoE-A2.7B's expert layout: 60 small routed experts, top-4,
   a shared expert with its sigmoid gate, `norm_topk_prob=False`.
 
-Both use a router load-balancing loss, applied per layer, so every expert of every layer is trained. The final
+All three use a router load-balancing loss, applied per layer, so every expert of every layer is trained. The final
 models are saved in bfloat16 and evaluated (held-out next-token loss, expert usage, the lm-eval demo tasks);
 numbers go to `demo/metrics.json`.
 
 Usage (from the repository root; the whole run is seeded):
 
-    python scripts/train_demo.py                     # data + tokenizer + both models + evaluation
+    python scripts/train_demo.py                     # data + tokenizer + all models + evaluation
     python scripts/train_demo.py --data-only         # rebuild only the data files and the tokenizer
     python scripts/train_demo.py --models mixtral    # one model
     python scripts/train_demo.py --models qwen15-moe # only the 60-expert model (the others stay as shipped)
