@@ -1,4 +1,4 @@
-"""Train the two small MoE demo models shipped in `hc_smoe_hub/demo/` and build their data, from Python docs.
+"""Train the small MoE demo models shipped in `hc_smoe_hub/demo/` and build their data, from Python docs.
 
 The text is the reStructuredText source of the Python 3.11 documentation as packaged by Debian
 (`apt-get install python3.11-doc`, PSF License Agreement), cleaned to prose. Documents (one per .rst file) are
