@@ -37,10 +37,14 @@ The interface the architecture table refers to (`QuantFormat`, implemented by `F
   method, block size and ``modules_to_not_convert``; the experts' names and the layer count do not change). A
   dequantized output (``--dtype bfloat16``) has ``quantization_config`` removed, top level and ``text_config``.
 
-Loading on CPU with stock transformers 5.24 ``from_pretrained`` (checked by tests/test_quant_load.py): both an
-FP8 block checkpoint (DeepSeek-V3 class) and an MXFP4 gpt-oss checkpoint load on a machine without a GPU; the
-quantizer logs that it dequantizes to bf16 and the model holds plain bf16 weights equal to
-``dequantize`` of this package. So a re-quantized output is loadable on CPU in tests.
+Loading on CPU with stock transformers 5.24 ``from_pretrained`` (checked by tests/test_quant_load.py): the
+quantizers log that they dequantize (no GPU / no triton kernels) and the model holds plain weights equal to
+``dequantize`` of this package, for an MXFP4 gpt-oss checkpoint and for an FP8 DeepSeek-V3 checkpoint whose experts
+are per-expert keys (``experts.{e}.gate_proj.weight`` + ``weight_scale_inv``, the real Hub layout). Not on CPU:
+a fused 3-D FP8 expert (``experts.gate_up_proj`` + ``_scale_inv``) is loaded as raw e4m3 values with its scales
+reported unexpected, and an FP8 dim with more than one block and a ragged edge is either refused (320 rows: grid 3)
+or silently wrong (160 rows: transformers takes blocks of 80). So write FP8 experts per expert, and in CPU tests
+use dims that are multiples of 128 (or below 128).
 """
 
 from __future__ import annotations
