@@ -1,10 +1,10 @@
-"""Quality of every expert-reduction configuration on the two shipped demo MoE models.
+"""Quality of every expert-reduction configuration on the three shipped demo MoE models.
 
 For each demo model at 75% and 50% of its experts: held-out loss (mean next-token cross-entropy on the demo's
 held-out documents, never seen in training or calibration), and the demo multiple-choice task's accuracy through
 lm-eval, for the original model and every configuration below. The defaults of the tool are set from this table.
 
-Run: python benchmarks/quality.py [--record] [--only NAME,NAME] [--models mixtral,qwen-moe]
+Run: python benchmarks/quality.py [--record] [--only 'NAME|NAME'] [--models mixtral,qwen-moe,qwen15-moe] [--keeps 45,30]
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ CONFIGS: dict[str, tuple[dict, bool]] = {
                                                           "router": "fit"}, True),
     "takeover, fix-dom + rr, router fit, sequential": ({"method": "takeover", "merge": "fix-dom-rr",
                                                         "router": "fit"}, True),
+    "takeover, dominant + rr, router fit, sequential": ({"method": "takeover", "merge": "dominant-rr",
+                                                         "router": "fit"}, True),
+    "takeover, freq + rr, router fit, sequential": ({"method": "takeover", "merge": "freq-rr",
+                                                     "router": "fit"}, True),
     "random clusters (freq merge)": ({"method": "random", "merge": "freq", "router": "mean"}, False),
     "F-prune": ({"method": "f-prune"}, False),
     "S-prune": ({"method": "s-prune"}, False),
@@ -113,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--only", default=None, help="|-separated config names (substring match)")
-    ap.add_argument("--models", default="mixtral,qwen-moe")
+    ap.add_argument("--models", default="mixtral,qwen-moe,qwen15-moe")
     ap.add_argument("--json", default="benchmarks/quality_results.json")
     ap.add_argument("--keeps", default=None, help="comma-separated expert counts (default: 75%% and 50%% of N)")
     ap.add_argument("--render-only", action="store_true", help="re-render the table from --json, run nothing")
@@ -168,7 +172,8 @@ def render(table: dict) -> str:
         lines += [f"**{model_name}-demo** (original: held-out loss {orig['loss']:.3f}, demo_mc acc {orig['acc']:.3f})",
                   "", "| configuration | " + " | ".join(f"loss @{k} | acc @{k}" for k in keeps) + " |",
                   "|---|" + "---|---|" * len(keeps)]
-        names = list(dict.fromkeys(n for k in keeps for n in rows[k]))
+        order = {name: i for i, name in enumerate(CONFIGS)}  # the table's order, whatever order rows ran in
+        names = sorted(dict.fromkeys(n for k in keeps for n in rows[k]), key=lambda n: order.get(n, len(order)))
         for name in names:
             cells = []
             for k in keeps:
