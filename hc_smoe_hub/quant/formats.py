@@ -43,8 +43,18 @@ def _take(tensors: Mapping[str, torch.Tensor], keys: list[str]) -> list[torch.Te
     return [tensors[k] for k in keys]
 
 
+class _KeyedFormat:
+    """What every format shares: a weight is quantized when all its on-disk keys are there."""
+
+    def tensor_keys(self, weight_key: str) -> list[str]:
+        raise NotImplementedError
+
+    def is_quantized(self, weight_key: str, disk_keys: Collection[str]) -> bool:
+        return all(k in disk_keys for k in self.tensor_keys(weight_key))
+
+
 @dataclass(frozen=True)
-class Fp8BlockFormat:
+class Fp8BlockFormat(_KeyedFormat):
     """FP8 e4m3 with per-block ``weight_scale_inv`` (DeepSeek-V3 convention)."""
 
     block: tuple[int, int] = (128, 128)
@@ -55,9 +65,6 @@ class Fp8BlockFormat:
     def tensor_keys(self, weight_key: str) -> list[str]:
         # "x.weight" -> "x.weight_scale_inv"; a fused "experts.down_proj" -> "experts.down_proj_scale_inv"
         return [weight_key, weight_key + "_scale_inv"]
-
-    def is_quantized(self, weight_key: str, disk_keys: Collection[str]) -> bool:
-        return all(k in disk_keys for k in self.tensor_keys(weight_key))
 
     def dequantize(
         self, tensors: Mapping[str, torch.Tensor], weight_key: str, dtype: torch.dtype = torch.bfloat16
@@ -72,16 +79,13 @@ class Fp8BlockFormat:
 
 
 @dataclass(frozen=True)
-class Mxfp4Format:
+class Mxfp4Format(_KeyedFormat):
     """gpt-oss MXFP4: ``<key>_blocks`` and ``<key>_scales``, rows = output features on disk."""
 
     name: str = "mxfp4"
 
     def tensor_keys(self, weight_key: str) -> list[str]:
         return [weight_key + "_blocks", weight_key + "_scales"]
-
-    def is_quantized(self, weight_key: str, disk_keys: Collection[str]) -> bool:
-        return all(k in disk_keys for k in self.tensor_keys(weight_key))
 
     def dequantize(
         self, tensors: Mapping[str, torch.Tensor], weight_key: str, dtype: torch.dtype = torch.bfloat16
