@@ -35,7 +35,7 @@ from hc_smoe_hub import methods as _methods
 from hc_smoe_hub import subset_search
 from hc_smoe_hub.clustering import labels_to_groups
 from hc_smoe_hub.methods import LayerContext, LayerPlan, MethodOptions, merge_groups
-from hc_smoe_hub.routing import Experts, expert_output
+from hc_smoe_hub.routing import expert_output
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def _sample_rows(ctx: LayerContext, limit: int) -> torch.Tensor:
 
 def _output(ctx: LayerContext, xs: torch.Tensor, i: int) -> torch.Tensor:
     """E_i(xs) in fp32, computed in xs's dtype like the statistics are (weights cast one expert at a time)."""
-    e = ctx.experts
-    one = Experts(e.gate[i : i + 1], e.up[i : i + 1], e.down[i : i + 1]).to(dtype=xs.dtype)
-    return expert_output(xs, one, 0, ctx.act).float()
+    return expert_output(xs, ctx.experts, i, ctx.act).float()
 
 
 def _merge(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions, extra: dict | None = None) -> LayerPlan:

@@ -13,15 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
-from hc_smoe_hub.merging import (
-    dominant_merge,
-    fix_dom_merge,
-    fix_dom_refit,
-    refit_down,
-    refit_down_rerouted,
-    router_rows,
-    weighted_merge,
-)
+from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_rows, weighted_merge
+from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
 from hc_smoe_hub.stats import LayerStats
 
@@ -163,7 +156,7 @@ def plan_error(ctx: LayerContext, plan: LayerPlan) -> float:
         raise ValueError("the statistics were collected without a token sample")
     xs = ctx.x[rows]
     reduced = Routing(min(ctx.routing.top_k, ctx.keep), ctx.routing.renormalize)
-    out = moe_output(xs, plan.experts.to(dtype=xs.dtype), plan.router, reduced, ctx.act)
+    out = moe_output(xs, plan.experts, plan.router, reduced, ctx.act)
     return float((out - ref).norm() / ref.norm().clamp(min=1e-12))
 
 

@@ -68,14 +68,24 @@ def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Ac
     return g.copy_(act(g)).mul_(u)
 
 
+def expert_weights(experts: Experts, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) of expert i in `dtype`: the layer stays in its source dtype and only the expert at work is
+    converted, so a layer's fp32 working set is one expert, not N."""
+    return experts.gate[i].to(dtype), experts.up[i].to(dtype), experts.down[i].to(dtype)
+
+
 def expert_output(x: torch.Tensor, experts: Experts, i: int, act: Activation) -> torch.Tensor:
-    return expert_hidden(x, experts.gate[i], experts.up[i], act) @ experts.down[i].T
+    """E_i(x), computed in x's dtype."""
+    gate, up, down = expert_weights(experts, i, x.dtype)
+    return expert_hidden(x, gate, up, act) @ down.T
 
 
 def moe_output(
     x: torch.Tensor, experts: Experts, router: torch.Tensor, routing: Routing, act: Activation
 ) -> torch.Tensor:
-    """The routed part of the MoE block (shared experts excluded): sum over top-k of weight * E_i(x), fp32."""
+    """The routed part of the MoE block (shared experts excluded): sum over top-k of weight * E_i(x), fp32.
+
+    Computed in x's dtype, one expert at a time, whatever the experts' dtype."""
     weights, indices = route(x @ router.T.to(x.dtype), routing)
     out = torch.zeros(x.shape[0], experts.down.shape[1], dtype=torch.float32, device=x.device)
     for e in indices.unique().tolist():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, route
+from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, expert_weights, route
 
 
 @dataclass
@@ -48,6 +48,8 @@ def collect(
 ) -> LayerStats:
     """Statistics of one MoE layer on its input hidden states x (T, H), in x's dtype with fp32 sums.
 
+    The experts may be in any dtype (the source's): each is converted to x's dtype only while it runs.
+
     The original routed block output on every token is assembled from the same expert outputs (free, since every
     expert already runs on every token): one-shot calibration carries it to the next layer without running the
     block again, the re-routed refit fits to it, and its rows `sample_rows` are the reference for the merge error.
@@ -67,9 +69,11 @@ def collect(
     rows_per_chunk = min(chunk, x.shape[0])
     buffers = tuple(torch.empty(rows_per_chunk, experts.gate.shape[1], dtype=x.dtype, device=x.device)
                     for _ in range(2))
+    features = torch.empty(n, experts.down.shape[1], dtype=torch.float32, device=x.device)
     for i in range(n):
+        gate, up, down = expert_weights(experts, i, x.dtype)  # one expert converted at a time
         for s in range(0, x.shape[0], chunk):
-            h = expert_hidden(x[s : s + chunk], experts.gate[i], experts.up[i], act, out=buffers)
+            h = expert_hidden(x[s : s + chunk], gate, up, act, out=buffers)
             hidden_sum[i] += h.float().sum(0)
             # The down projection is linear, so the mean output needs it only once, on the mean activation;
             # per-token outputs are computed only on the tokens routed to the expert.
@@ -77,9 +81,9 @@ def collect(
             rows = torch.nonzero(w > 0).squeeze(1)
             if rows.numel() == 0:
                 continue
-            y = (h[rows] @ experts.down[i].T).float()
+            y = (h[rows] @ down.T).float()
             saliency[i] += (w[rows] * y.norm(dim=-1)).sum()
             full.index_add_(0, rows + s, y * w[rows, None])
-    features = torch.einsum("ni,nhi->nh", hidden_sum / x.shape[0], experts.down.float())
+        features[i] = down.float() @ (hidden_sum[i] / x.shape[0])
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
     return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], full, sample_rows)

@@ -108,11 +108,6 @@ class StreamingMerger:
         self.n_experts = spec.num_experts(config)
         self.hf_config = AutoConfig.from_pretrained(src_dir)
         self.hf_config._attn_implementation = "sdpa"
-        self.reduced_hf_config = AutoConfig.from_pretrained(src_dir)
-        self.reduced_hf_config._attn_implementation = "sdpa"
-        for k, v in spec.reduced_config(config, settings.keep).items():
-            if k in spec.expert_count_keys or k == spec.top_k_key:
-                setattr(self.reduced_hf_config, k, v)
         self.routing = Routing(spec.top_k(config), spec.renormalizes(config))
         hidden_act = config.get("hidden_act", "silu")
         # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
@@ -177,8 +172,6 @@ class StreamingMerger:
         writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
                             and self._layer_of(k) < start_layer)
         model = self.model
-        # The reduced layers must dispatch their experts the way the loaded model would.
-        self.reduced_hf_config._experts_implementation = model.config._experts_implementation
         rotary = _module(model, self.spec.rotary_module)
         _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
         # The embedding pass also yields each batch's mask and rotary arguments, which a resumed run needs too.
@@ -240,26 +233,16 @@ class StreamingMerger:
             embed.to("meta")
         return hidden, kwargs_list
 
-    def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor], experts: Experts | None,
-                     router: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """On-disk tensors of one layer -> the decoder layer's in-memory state dict (fused experts)."""
-        spec = self.spec
-        prefix = spec.layer_prefix(layer_idx)
-        moe_disk, moe_mem = spec.moe_disk + ".", spec.moe_module + "."
-        expert_keys = ({k for e in range(self.n_experts) for k in spec.expert_keys(layer_idx, e)}
-                       if experts is not None else set())
+    def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block renamed)."""
+        prefix = self.spec.layer_prefix(layer_idx)
+        moe_disk, moe_mem = self.spec.moe_disk + ".", self.spec.moe_module + "."
         state = {}
         for key, value in tensors.items():
-            if key in expert_keys:
-                continue
             rel = key[len(prefix):]
             if rel.startswith(moe_disk):
                 rel = moe_mem + rel[len(moe_disk):]
             state[rel] = value
-        if experts is not None:
-            state[moe_mem + "experts.gate_up_proj"] = torch.cat([experts.gate, experts.up], dim=1)
-            state[moe_mem + "experts.down_proj"] = experts.down
-            state[moe_mem + spec.router] = router
         return state
 
     def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
@@ -340,61 +323,80 @@ class StreamingMerger:
         spec, dev = self.spec, self.s.device
         prefix = spec.layer_prefix(layer_idx)
         keys = [k for k in self.src.tensors if k.startswith(prefix)]
-        tensors = self.src.read(keys, dev)
         if layer_idx not in self.moe_layers:
-            self._run_dense(layers[layer_idx], self._layer_state(layer_idx, tensors, None, None), hidden, kwargs)
+            tensors = self.src.read(keys, dev)
+            self._run_dense(layers[layer_idx], self._layer_state(layer_idx, tensors), hidden, kwargs)
             for key in keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
             return None
+        expert_keys = {k for e in range(self.n_experts) for k in spec.expert_keys(layer_idx, e)}
+        tensors = self.src.read([k for k in keys if k not in expert_keys], dev)
 
         per_expert = [spec.expert_keys(layer_idx, e) for e in range(self.n_experts)]
-        experts = Experts(*(torch.stack([tensors[keys3[j]] for keys3 in per_expert]) for j in range(3)))
+        experts = self._read_experts(per_expert)
         router = tensors[spec.router_key(layer_idx)]
         moe_prefix = spec.moe_module + "."
-        unfused = self._layer_state(layer_idx, tensors, None, None)
+        unfused = self._layer_state(layer_idx, tensors)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
         x = self._run_to_moe(layers[layer_idx], pre_moe, hidden, kwargs)
-        cdt = self.s.compute_dtype
-        compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
         freq_top_k = 2 if self.s.options.paper_frequency else None
         sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
-        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
+        # The experts stay in the source dtype; every consumer converts one expert at a time to x's dtype.
+        stats = collect(x, experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
         ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
         plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
+        del ctx, experts  # the source experts are not needed any more: free them before the layer is finished
         reduced = Routing(min(self.routing.top_k, self.s.keep), self.routing.renormalize)
-        merged_routed = moe_output(x[sample], plan.experts.to(dtype=cdt), plan.router, reduced, self.act)
+        merged_router = plan.router.to(router.dtype)
+        # Sequential calibration carries the merged block's routed output on every token; one-shot only needs it on
+        # the sample, for the error.
+        merged_rows = x if self.s.sequential else x[sample]
+        merged_routed = moe_output(merged_rows, plan.experts, merged_router, reduced, self.act)
         ref = stats.sampled_output
-        error = float((merged_routed - ref).norm() / ref.norm().clamp(min=1e-12))
+        got = merged_routed[sample] if self.s.sequential else merged_routed
+        error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
         merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx)}
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
-        writer.write(spec.router_key(layer_idx), plan.router.to(router.dtype))
+        writer.write(spec.router_key(layer_idx), merged_router)
         for e in range(self.s.keep):
             for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
-                writer.write(key, mat[e].to(experts.gate.dtype))
+                writer.write(key, mat[e])
+        groups, extra = plan.groups, plan.extra
+        del plan
 
-        if self.s.sequential:
-            block_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
-            with torch.device("meta"):
-                block = type(layers[layer_idx].get_submodule(spec.moe_module))(self.reduced_hf_config)
-            block_state = {k[len(moe_prefix):]: v for k, v in block_state.items() if k.startswith(moe_prefix)}
+        # The decoder layer is finished by the block's own forward with its routed experts replaced by their
+        # output computed above (the merged experts' in sequential mode, the original's, from the statistics pass,
+        # in one-shot mode): the block adds what is not routed (a shared expert and its gate) itself, and no
+        # fp32 copy of the merged experts is ever built for it.
+        routed_output = merged_routed if self.s.sequential else stats.routed_output
+        block = layers[layer_idx].get_submodule(spec.moe_module)
+        experts_prefix = moe_prefix + spec.experts_module + "."
+        block_state = {k[len(moe_prefix):]: v for k, v in unfused.items()
+                       if k.startswith(moe_prefix) and not k.startswith(experts_prefix)}
+        original = block.get_submodule(spec.experts_module)
+        _set_module(block, spec.experts_module, _PrecomputedExperts(routed_output))
+        try:
             self._add_moe_block(block, block_state, hidden, x)
-        else:
-            # One-shot: the original block's routed output was assembled by the statistics pass.
-            block = layers[layer_idx].get_submodule(spec.moe_module)
-            experts_prefix = moe_prefix + spec.experts_module + "."
-            block_state = {k[len(moe_prefix):]: v for k, v in unfused.items()
-                           if k.startswith(moe_prefix) and not k.startswith(experts_prefix)}
-            original = block.get_submodule(spec.experts_module)
-            _set_module(block, spec.experts_module, _PrecomputedExperts(stats.routed_output))
-            try:
-                self._add_moe_block(block, block_state, hidden, x)
-            finally:
-                _set_module(block, spec.experts_module, original)
-        return LayerRecord(layer_idx, plan.groups, stats.frequencies.cpu().tolist(), error, 0.0, plan.extra)
+        finally:
+            _set_module(block, spec.experts_module, original)
+        return LayerRecord(layer_idx, groups, stats.frequencies.cpu().tolist(), error, 0.0, extra)
+
+    def _read_experts(self, per_expert: list[tuple[str, str, str]]) -> Experts:
+        """The layer's experts stacked (N, ...) in the source dtype, read one expert at a time into their slots, so
+        the layer is never held twice."""
+        dev = self.s.device
+        mats: list[torch.Tensor] = []
+        for e, keys3 in enumerate(per_expert):
+            one = self.src.read(keys3, dev)
+            if not mats:
+                mats = [torch.empty((len(per_expert), *one[k].shape), dtype=one[k].dtype, device=dev) for k in keys3]
+            for mat, key in zip(mats, keys3, strict=True):
+                mat[e].copy_(one[key])
+        return Experts(*mats)
 
     def _check_plan(self, plan: LayerPlan, experts: Experts, router: torch.Tensor) -> None:
         k = self.s.keep

@@ -197,7 +197,8 @@ def test_writer_refuses_unwritten_tensors(tmp_path):
 
 
 def test_least_squares_refit_reproduces_the_group_better_than_its_dominant_member():
-    from hc_smoe_hub.merging import dominant_merge, refit_down
+    from hc_smoe_hub.merging import dominant_merge
+    from hc_smoe_hub.refit import refit_down
     from hc_smoe_hub.routing import expert_hidden
 
     ex = random_experts(n=3, inter=16, hidden=6, seed=5)
@@ -229,7 +230,8 @@ def test_anchored_groups_join_the_nearest_anchor():
 
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_rerouted_refit_lowers_the_routed_output_error_from_its_start(renormalize):
-    from hc_smoe_hub.merging import fix_dom_merge, refit_down, refit_down_rerouted
+    from hc_smoe_hub.merging import fix_dom_merge
+    from hc_smoe_hub.refit import refit_down, refit_down_rerouted
 
     ex = random_experts(n=6, inter=12, hidden=8, seed=8)
     g = torch.Generator().manual_seed(9)
@@ -252,3 +254,61 @@ def test_rerouted_refit_lowers_the_routed_output_error_from_its_start(renormaliz
     assert err(more) <= err(fitted) + 1e-6
     # Starting again from its own result never makes it worse either.
     assert err(refit_down_rerouted(ex, more, router, new_router, x, routing, ACT, sweeps=1)) <= err(more) + 1e-6
+
+
+@pytest.mark.parametrize("tokens", [40, 400])  # fewer rows than the 64 columns (dual form) and more (primal)
+def test_ridge_rows_is_the_closed_form_ridge_solution_in_both_forms(tokens):
+    from hc_smoe_hub.refit import ridge_rows
+
+    g = torch.Generator().manual_seed(21)
+    a, target, prior = (torch.randn(tokens, 64, generator=g, dtype=torch.float64),
+                        torch.randn(tokens, 5, generator=g, dtype=torch.float64),
+                        torch.randn(5, 64, generator=g, dtype=torch.float64))
+    for ridge, p in ((0.1, None), (1.0, prior)):
+        lam = ridge * (a.T @ a).diagonal().mean()
+        start = torch.zeros(5, 64, dtype=torch.float64) if p is None else p
+        expected = torch.linalg.solve(a.T @ a + lam * torch.eye(64, dtype=torch.float64),
+                                      a.T @ target + lam * start.T)
+        assert torch.allclose(ridge_rows(a, target, ridge, p), expected, atol=1e-9)
+
+
+def _reference_rerouted_refit(ex, base, router, new_router, x, routing, sweeps, ridge=1.0):
+    """The joint re-routed refit written plainly: primal normal equations with an explicit identity, fp64."""
+    from hc_smoe_hub.routing import expert_hidden, route
+
+    y = moe_output(x.double(), Experts(*(m.double() for m in (ex.gate, ex.up, ex.down))), router.double(),
+                   routing, ACT).double()
+    w, idx = route(x @ new_router.T, Routing(min(routing.top_k, base.count), routing.renormalize))
+    designs, downs = [], [base.down[k].double().clone() for k in range(base.count)]
+    for k in range(base.count):
+        tok, slot = torch.where(idx == k)
+        h = expert_hidden(x[tok].double(), base.gate[k].double(), base.up[k].double(), ACT)
+        designs.append((tok, h * w[tok, slot, None].double()))
+    for _ in range(sweeps):
+        for k, (tok, a) in enumerate(designs):
+            pred = torch.zeros_like(y)
+            for j, (tj, aj) in enumerate(designs):
+                if j != k:
+                    pred.index_add_(0, tj, aj @ downs[j].T)
+            gram = a.T @ a
+            lam = ridge * gram.diagonal().mean()
+            eye = torch.eye(gram.shape[0], dtype=torch.float64)
+            downs[k] = torch.linalg.solve(gram + lam * eye, a.T @ (y - pred)[tok] + lam * base.down[k].double().T).T
+    return torch.stack(downs)
+
+
+@pytest.mark.parametrize("tokens", [60, 3000])  # every merged expert below its 64 intermediate rows (dual), above
+def test_rerouted_refit_equals_the_plain_block_coordinate_solution(tokens):
+    from hc_smoe_hub.merging import weighted_merge
+    from hc_smoe_hub.refit import refit_down_rerouted
+
+    ex = random_experts(n=6, inter=64, hidden=8, seed=22)
+    g = torch.Generator().manual_seed(23)
+    router, x = torch.randn(6, 8, generator=g), torch.randn(tokens, 8, generator=g)
+    groups = [[0, 3], [1, 4], [2, 5]]
+    base = weighted_merge(ex, groups, None)
+    new_router = router_rows(router, groups, "mean", torch.full((6,), 1 / 6))
+    routing = Routing(2, True)
+    fitted = refit_down_rerouted(ex, base, router, new_router, x, routing, ACT, sweeps=2)
+    expected = _reference_rerouted_refit(ex, base, router, new_router, x, routing, sweeps=2)
+    assert torch.allclose(fitted.down.double(), expected, rtol=1e-3, atol=1e-4)

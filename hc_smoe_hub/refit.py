@@ -1,0 +1,272 @@
+"""Least-squares refits of merged experts' down projections: per group, and jointly as the reduced layer routes.
+
+Both are ridge regressions of a (T, I) design matrix A (a merged expert's activations on T tokens, I its
+intermediate size) onto a (T, H) target. They are solved in whichever form is smaller: the primal (I, I) system
+A^T A + lam I when T >= I, or the dual (T, T) system A A^T + lam I when T < I (at Mixtral's intermediate 14336 an
+expert sees a few thousand sample tokens, and the dual is then several times cheaper in time and memory). Both give
+the same solution (push-through identity); both are factored by Cholesky in place, never with an identity matrix
+built. All arithmetic is fp32; each merged expert is cast back to the source dtype as soon as it is done, so the
+fp32 working set is one expert's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hc_smoe_hub.merging import chunks, closest_to_centroid, fix_dom_group, group_weights
+from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, expert_weights, route
+
+
+def _cholesky_shifted(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """Cholesky factor of gram + lam I, computed in gram's own storage (gram is consumed)."""
+    gram.diagonal().add_(lam)
+    return torch.linalg.cholesky(gram, out=gram)
+
+
+def ridge_rows(a: torch.Tensor, target: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_D ||a D^T - target||^2 + lam ||D - prior||^2 with lam = ridge * mean diagonal of a^T a; returns D^T.
+
+    `a` (T, I), `target` (T, H), `prior` (H, I) or None (pull towards zero). Primal or dual, whichever is smaller.
+    """
+    inter = a.shape[1]
+    resid = target if prior is None else target - a @ prior.T
+    if a.shape[0] >= inter:
+        gram = a.T @ a
+        lam = ridge * float(gram.diagonal().mean().clamp(min=1e-12))
+        delta = torch.cholesky_solve(a.T @ resid, _cholesky_shifted(gram, lam))
+    else:
+        gram = a @ a.T
+        lam = ridge * float(gram.diagonal().sum().clamp(min=1e-12)) / inter  # trace(A A^T) = trace(A^T A)
+        delta = a.T @ torch.cholesky_solve(resid, _cholesky_shifted(gram, lam))
+    return delta if prior is None else prior.T + delta
+
+
+def _design(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation, weight: torch.Tensor | None,
+            chunk: int = 4096) -> torch.Tensor:
+    """weight_t * h(x_t) for every token: (T, I) fp32."""
+    out = torch.empty(x.shape[0], gate.shape[0], device=x.device)
+    for c in chunks(x.shape[0], chunk):
+        out[c] = expert_hidden(x[c], gate, up, act)
+    return out if weight is None else out.mul_(weight.reshape(-1, 1))
+
+
+def _solve_group(gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, target: torch.Tensor, mass: torch.Tensor,
+                 act: Activation, ridge: float) -> torch.Tensor:
+    """argmin_D sum_t mass_t ||h(x_t) D^T - target_t||^2 + ridge term: the rows carry sqrt(mass) so that tokens where
+    the group holds much router probability count more."""
+    root = mass.reshape(-1, 1).sqrt()
+    a = _design(x, gate, up, act, root)
+    return ridge_rows(a, target * root, ridge).T
+
+
+def _group_target(experts: Experts, g: list[int], x: torch.Tensor, share: torch.Tensor,
+                  act: Activation) -> torch.Tensor:
+    """sum_j share_j E_j(x) over the group's members: what the group computed in the original model (T, H)."""
+    target = torch.zeros(x.shape[0], experts.down.shape[1], device=x.device)
+    for j, i in enumerate(g):
+        gate, up, down = expert_weights(experts, i, torch.float32)
+        for c in chunks(x.shape[0]):
+            target[c] += share[c, j, None] * (expert_hidden(x[c], gate, up, act) @ down.T)
+    return target
+
+
+def refit_down(
+    experts: Experts,
+    base: Experts,
+    groups: list[list[int]],
+    x_per_group: list[torch.Tensor],
+    router: torch.Tensor,
+    act: Activation,
+    ridge: float = 1e-3,
+) -> Experts:
+    """Re-fit each merged expert's down projection by least squares so that it reproduces its whole group.
+
+    The target for a token is what the group computed in the original model, the members' outputs weighted by
+    their router probabilities (sum_i p_i E_i(x) / sum_i p_i), on the tokens routed to the group; tokens are
+    weighted by the group's probability mass. Gate and up stay as in `base` (their neurons are kept), only the
+    linear down projection is solved, in closed form with a small ridge term towards stability. Singletons keep
+    their weights unchanged.
+    """
+    downs = []
+    for c, (g, x) in enumerate(zip(groups, x_per_group, strict=True)):
+        if len(g) == 1 or x.shape[0] == 0:
+            downs.append(base.down[c])
+            continue
+        xf = x.float()
+        share, mass = group_weights(xf, router, g)
+        target = _group_target(experts, g, xf, share, act)
+        gate, up, _ = expert_weights(base, c, torch.float32)
+        downs.append(_solve_group(gate, up, xf, target, mass, act, ridge).to(base.down.dtype))
+    return Experts(base.gate, base.up, torch.stack(downs))
+
+
+def fix_dom_refit(
+    experts: Experts, groups: list[list[int]], features: torch.Tensor, x_per_group: list[torch.Tensor],
+    router: torch.Tensor, act: Activation, ridge: float = 1e-3,
+) -> Experts:
+    """`fix_dom_merge` followed by `refit_down`, group by group, sharing one pass over the members' activations.
+
+    Each group's merged expert is finished (aligned, refitted, cast to the source dtype) before the next starts, so
+    only one group's fp32 expert and target are alive at a time.
+    """
+    dtype = experts.gate.dtype
+    done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for g, x in zip(groups, x_per_group, strict=True):
+        xf = x.float()
+        fit = len(g) > 1 and x.shape[0] > 0
+        share, mass = group_weights(xf, router, g) if fit else (None, None)
+        (gate, up, down), target = fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
+        gate, up = gate.to(dtype), up.to(dtype)
+        if fit:
+            # Solved on the gate/up rows as they will be stored, so the down projection fits what is written.
+            down = _solve_group(gate.float(), up.float(), xf, target, mass, act, ridge)
+        done.append((gate, up, down.to(dtype)))
+        del target
+    return Experts(*(torch.stack([m[j] for m in done]) for j in range(3)))
+
+
+class _Block:
+    """One merged expert's state in the joint refit: its tokens, rows' weights and current solution.
+
+    Dual form (T_k < I): the solution is D = D0 + C^T A with C (T_k, H), and only the Cholesky factor L of
+    A A^T + lam I is kept; the design rows A are needed only to set up and to assemble D at the end. Primal form:
+    D (H, I) itself and the factor of A^T A + lam I, with A recomputed (or cached) at every step.
+    """
+
+    def __init__(self, tok: torch.Tensor, w: torch.Tensor, inter: int):
+        self.tok, self.w = tok, w
+        self.dual = tok.shape[0] < inter
+        self.chol: torch.Tensor | None = None
+        self.lam = 0.0
+        self.coef: torch.Tensor | None = None  # dual: C
+        self.down: torch.Tensor | None = None  # primal: D (fp32)
+
+
+def refit_down_rerouted(
+    experts: Experts,
+    base: Experts,
+    router: torch.Tensor,
+    new_router: torch.Tensor,
+    x: torch.Tensor,
+    routing: Routing,
+    act: Activation,
+    sweeps: int = 2,
+    ridge: float = 1.0,
+    max_tokens: int = 16384,
+    chunk: int = 2048,
+    routed: torch.Tensor | None = None,
+    cache_bytes: int = 1 << 30,
+) -> Experts:
+    """Re-fit the K down projections jointly, for the layer as the reduced model will route it.
+
+    `refit_down` fits each merged expert to its own group's output, blind to the new routing. Here the K merged
+    experts (gate/up from `base`) are routed by `new_router` exactly as the reduced model routes: softmax over the K
+    new logits, top-min(k, K), renormalized when `routing` renormalizes, weights w'_tk. The down projections D_k
+    are fitted so that sum_k w'_tk h'_k(x_t) D_k^T approximates the original routed output
+    y_t = sum_i w_ti E_i(x_t) (shared experts cancel) on a strided sample of at most `max_tokens` tokens of `x`.
+
+    Block-coordinate least squares: for each k in turn, over the tokens routed to k, the design row is
+    w'_tk h'_k(x_t) and the target the residual r_t = y_t - sum_{j != k} w'_tj h'_j(x_t) D_j^T; D_k solves the
+    ridge problem min ||A D^T - r||^2 + lam ||D - D0_k||^2, pulled towards its starting value D0_k (`base`) with
+    lam = `ridge` * mean diagonal of A^T A. The pull must be strong: with `ridge` 1e-3 the joint fit overfits (on the
+    demo models, fitted on half the calibration tokens, its error on the other half ends above its start), while
+    0.3-3 gave the lowest error on the other half in every layer; 1.0 is that choice. Each block step minimizes the
+    total regularized objective, whose value at the start is the plain routed-output error, so the squared
+    calibration error never ends above where it began (up to rounding). `routed`, the original routed output on
+    every row of `x` when the caller has it (the statistics pass assembles it), saves recomputing y.
+
+    Each block is solved in the dual form when it has fewer tokens than I (see the module docstring): then the
+    sweeps touch only (T_k, T_k) and (T_k, H) matrices. Memory is O(T H + sum_k T_k (T_k + H)) for dual blocks,
+    O(I^2 + I H) per primal block, plus the design rows of every merged expert when they fit in `cache_bytes`.
+    Experts routed no sample token keep their down projection. Arithmetic in fp32; the result has `base`'s dtype.
+    """
+    rows = torch.arange(0, x.shape[0], max(1, -(-x.shape[0] // max_tokens)), device=x.device)
+    xs = x[rows].float()
+    if routed is not None:
+        resid = routed[rows].float().clone()  # the original routed output y, for now
+    else:
+        resid = torch.zeros(xs.shape[0], experts.down.shape[1], device=xs.device)
+        w0, i0 = route(xs @ router.float().T, routing)
+        for e in i0.unique().tolist():
+            tok, slot = torch.where(i0 == e)
+            g, u, d = expert_weights(experts, e, torch.float32)  # one expert at a time
+            for s in range(0, tok.shape[0], chunk):
+                t = tok[s : s + chunk]
+                resid.index_add_(0, t, expert_hidden(xs[t], g, u, act) @ d.T * w0[t, slot[s : s + chunk], None])
+    k_new, inter = base.count, base.gate.shape[1]
+    weights, indices = route(xs @ new_router.float().T, Routing(min(routing.top_k, k_new), routing.renormalize))
+    blocks = []
+    for k in range(k_new):
+        tok, slot = torch.where(indices == k)
+        blocks.append(_Block(tok, weights[tok, slot], inter))
+    keep = indices.numel() * inter * 4 <= cache_bytes
+    cache: dict[int, torch.Tensor] = {}
+
+    def design(k: int) -> torch.Tensor:
+        """Design rows w'_tk h'_k(x_t) over the tokens routed to k: (T_k, I)."""
+        if k in cache:
+            return cache[k]
+        gate, up, _ = expert_weights(base, k, torch.float32)
+        a = _design(xs[blocks[k].tok], gate, up, act, blocks[k].w, chunk)
+        if keep:
+            cache[k] = a
+        return a
+
+    # Set-up: resid = y - current prediction, kept up to date after every block step; each dual block's factor.
+    for k, b in enumerate(blocks):
+        if b.tok.shape[0] == 0:
+            continue
+        a, d0 = design(k), base.down[k].float()
+        resid.index_add_(0, b.tok, -(a @ d0.T))
+        if b.dual:
+            gram = a @ a.T
+            b.lam = ridge * float(gram.diagonal().sum().clamp(min=1e-12)) / inter
+            b.chol = _cholesky_shifted(gram, b.lam)
+            b.coef = torch.zeros(b.tok.shape[0], d0.shape[0], device=xs.device)
+        else:
+            b.down = d0.clone()
+    for _ in range(sweeps):
+        for k, b in enumerate(blocks):
+            if b.tok.shape[0] == 0:
+                continue
+            if b.dual:
+                # With P = A D0^T + G C the block's prediction, the new C solves (G + lam) C' = r + G C, and the
+                # prediction changes by G (C' - C) = L L^T dC - lam dC: no design rows needed in the sweeps.
+                assert b.chol is not None and b.coef is not None
+                g_c = b.chol @ (b.chol.T @ b.coef) - b.lam * b.coef
+                new = torch.cholesky_solve(resid[b.tok] + g_c, b.chol)
+                step = new - b.coef
+                resid.index_add_(0, b.tok, -(b.chol @ (b.chol.T @ step) - b.lam * step))
+                b.coef = new
+            else:
+                assert b.down is not None
+                a = design(k)
+                if b.chol is None:
+                    gram = a.T @ a
+                    b.lam = ridge * float(gram.diagonal().mean().clamp(min=1e-12))
+                    chol = _cholesky_shifted(gram, b.lam)
+                    # Kept across sweeps when every block's factor fits the cache budget, else refactored.
+                    if k_new * inter * inter * 4 <= cache_bytes:
+                        b.chol = chol
+                else:
+                    chol = b.chol
+                # A^T (y - prediction without k) + lam D0, where resid = y - prediction: k's own share A^T A D is
+                # added back from the factor, (L L^T - lam) D, instead of from the (T_k, I) rows.
+                d_t = b.down.T
+                rhs = a.T @ resid[b.tok] + chol @ (chol.T @ d_t) - b.lam * d_t + b.lam * base.down[k].float().T
+                new = torch.cholesky_solve(rhs, chol).T
+                resid.index_add_(0, b.tok, -(a @ (new - b.down).T))
+                b.down = new
+    downs = []
+    for k, b in enumerate(blocks):
+        if b.tok.shape[0] == 0:
+            downs.append(base.down[k])
+        elif b.dual:
+            assert b.coef is not None
+            downs.append((base.down[k].float() + b.coef.T @ design(k)).to(base.down.dtype))
+        else:
+            assert b.down is not None
+            downs.append(b.down.to(base.down.dtype))
+        cache.pop(k, None)
+        b.chol = b.coef = b.down = None
+    return Experts(base.gate, base.up, torch.stack(downs))
