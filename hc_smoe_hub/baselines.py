@@ -123,7 +123,7 @@ def o_prune_problem(ctx: LayerContext) -> subset_search.SubsetProblem:
     dev = xs.device if xs.device.type in ("cpu", "cuda") else torch.device("cpu")  # fp64 needed
     gram = torch.empty(s, n, n, dtype=torch.float64, device=dev)
     hidden = ctx.experts.down.shape[1]
-    chunk = max(1, (1 << 27) // max(1, n * hidden))  # bounds the (N, chunk, H) fp64 block at ~1 GiB
+    chunk = max(1, (1 << 25) // max(1, n * hidden))  # bounds the (N, chunk, H) fp64 block at 256 MiB
     for start in range(0, s, chunk):
         y = torch.stack([_output(ctx, xs[start : start + chunk], i) for i in range(n)]).to(dev, torch.float64)
         gram[start : start + chunk] = torch.einsum("ish,jsh->sij", y, y)

@@ -7,9 +7,8 @@ has `kv_lora_rank` (DeepSeek-V3); routed experts, a shared expert (Qwen's `share
 its one-row gate, or DeepSeek's `n_shared_experts`), dense layers (`first_k_dense_replace`, `mlp_only_layers`,
 `decoder_sparse_step`). Byte counts use the checkpoint's dtype (`dtype` / `torch_dtype`, bf16 when absent).
 
-The merge figure is the streaming engine's measured peak (benchmarks/real_shapes.py, benchmarks/RESULTS.md):
-one decoder layer held in the source dtype, one expert's fp32 working set, the calibration hidden states and the
-method's per-layer buffers; it does not grow with depth.
+The merge figure (`merge_peak_bytes`) is a formula of the streaming engine's buffers, checked against its
+measured peak at real layer shapes (benchmarks/real_shapes.py, benchmarks/RESULTS.md); it does not grow with depth.
 """
 
 from __future__ import annotations
@@ -21,14 +20,15 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Default calibration of `hc-smoe-push`: 32 blocks of 2048 tokens (the paper's).
 DEFAULT_CALIBRATION_TOKENS = 32 * 2048
-# Fixed process overhead measured beside the merge (interpreter, torch, transformers, the model skeleton).
-PROCESS_BYTES = GIB
-# Peak of a merge, in units of one decoder layer's weight bytes: the layer as read (source dtype), plus the
-# merged experts being written and one expert's fp32 working set (benchmarks/RESULTS.md, real-shape section).
-LAYER_FACTOR = 2.5
+# Fixed process overhead measured beside the merge (interpreter, torch, transformers, the model skeleton, tokenizer).
+PROCESS_BYTES = 7 * GIB // 8
 # fp32 (T, H) buffers alive per calibration token at the peak: the hidden states carried between layers, the MoE
-# block's input, the original routed output and the refit's residual.
-HIDDEN_COPIES = 4
+# block's input, the original and the merged routed outputs, and one transient batch.
+HIDDEN_COPIES = 5
+# O-prune's per-token Gram matrices are scored on this many tokens (baselines.O_PRUNE_TOKENS), in fp64, beside a
+# block of expert outputs bounded at 256 MiB.
+O_PRUNE_TOKENS = 2048
+O_PRUNE_BLOCK = 256 << 20
 # Families whose attention normalizes queries and keys: per head (one head_dim vector each for q and k) or over
 # the whole projection (one vector of the projection's width each).
 QK_NORMS = {"qwen3_moe": "head", "olmoe": "projection"}
@@ -143,15 +143,31 @@ def disk_bytes(config: dict[str, Any], keep: int, dtype_bytes: int = 2) -> int:
     return checkpoint_bytes(config, dtype_bytes) + checkpoint_bytes(config, dtype_bytes, keep=keep)
 
 
-def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATION_TOKENS) -> int:
+def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                     keep: int | None = None) -> int:
     """Peak resident memory of a streaming merge, on CPU (or on one GPU, the device share of it).
 
-    LAYER_FACTOR x one decoder layer's weight bytes + HIDDEN_COPIES fp32 (T, H) buffers over the `tokens`
-    calibration tokens + PROCESS_BYTES. It does not depend on the depth, nor on the method beyond what LAYER_FACTOR
-    covers (measured for the default and `--paper`).
+    With L one MoE decoder layer's weight bytes as stored, E the routed experts' share of it, N and K the expert
+    counts, I and H the expert's intermediate and hidden sizes, T the calibration tokens:
+
+        P + L + (K / N) E + 2 x 12 I H + 4 I^2 + 5 x 4 T H + 8 x 2048 N^2 + 256 MiB
+
+    the layer as read, the merged experts awaiting their write (in the source dtype), the fp32 working set of one
+    merged expert and the member being aligned into it, the (I, I) neuron-correlation or least-squares system,
+    the fp32 hidden-state buffers, and O-prune's fp64 Gram matrices with their scoring block; P is the
+    process itself (0.875 GiB). It does not depend on the depth. It is the default method's peak (the heaviest);
+    `--paper` needs less. `keep` defaults to N (the worst case). Checked against benchmarks/real_shapes.py
+    (benchmarks/RESULTS.md, real-shapes section): 3-8% above the measured peak of the default for the Mixtral-8x7B,
+    Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B layer shapes.
     """
-    hidden = int(text_config(config)["hidden_size"])
-    return int(LAYER_FACTOR * layer_weight_bytes(config)) + HIDDEN_COPIES * 4 * tokens * hidden + PROCESS_BYTES
+    cfg = text_config(config)
+    hidden, inter, n = int(cfg["hidden_size"]), _expert_intermediate(cfg), num_routed_experts(cfg)
+    keep = n if keep is None else keep
+    layer = layer_weight_bytes(config)
+    experts = n * expert_params(cfg) * source_dtype_bytes(config)
+    working = 2 * 12 * inter * hidden + 4 * inter * inter
+    search = 8 * O_PRUNE_TOKENS * n * n + O_PRUNE_BLOCK
+    return int(PROCESS_BYTES + layer + keep * experts / n + working + HIDDEN_COPIES * 4 * tokens * hidden + search)
 
 
 def eval_peak_bytes(config: dict[str, Any], dtype_bytes: int = 2, *, batch_tokens: int = 8 * 2048) -> int:

@@ -1,17 +1,22 @@
-"""Tiny random MoE checkpoints of every supported family, saved in several shards, for tests and benchmarks.
+"""Random MoE checkpoints of every supported family, saved in several shards, for tests and benchmarks.
 
 Built from configs with stock transformers (no download), with a small byte-level BPE tokenizer trained on the
-spot, so that a checkpoint directory looks exactly like one pulled from the Hub.
+spot, so that a checkpoint directory looks exactly like one pulled from the Hub. `write_random_checkpoint` writes
+one of any size (real layer shapes) shard by shard, one decoder layer at a time, never whole in memory.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from hc_smoe_hub.architectures import ArchSpec, spec_for
 
 SAMPLE_TEXT = (
     "Mixture-of-experts models route every token to a few experts. Merging experts that behave alike makes the "
@@ -81,3 +86,85 @@ def calibration_text(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:
         paras.append(" ".join(words[i] for i in idx))
     Path(path).write_text("\n\n".join(paras) + "\n")
     return Path(path)
+
+
+def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the checkpoint as stored on the Hub, with its shape, from the model class built on the
+    meta device: the in-memory fused experts (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)) become the
+    per-expert on-disk keys of `spec`, and the MoE block takes its on-disk name."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    fused = f".{spec.moe_module}.{spec.experts_module}."
+    layout: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(spec.layers_prefix):
+            layout[name] = tuple(tensor.shape)
+            continue
+        layer = int(name[len(spec.layers_prefix):].split(".", 1)[0])
+        rel = name[len(spec.layer_prefix(layer)):]
+        if fused in "." + rel:
+            if rel.endswith("gate_up_proj"):
+                n, two_i, hidden = tensor.shape
+                for e in range(n):
+                    gate, up, down = spec.expert_keys(layer, e)
+                    layout[gate] = layout[up] = (two_i // 2, hidden)
+                    layout[down] = (hidden, two_i // 2)
+            continue
+        if rel.startswith(spec.moe_module + "."):
+            rel = spec.moe_disk + rel[len(spec.moe_module):]
+        layout[spec.layer_prefix(layer) + rel] = tuple(tensor.shape)
+    return layout
+
+
+def write_random_checkpoint(directory: Path, config_fields: dict[str, Any], *, seed: int = 0,
+                            dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Path:
+    """A random checkpoint of any size in the Hub's on-disk layout: one shard for the embeddings and head, one per
+    decoder layer, each generated and written before the next, so memory stays at about one layer.
+
+    `config_fields` must hold `model_type`; the shipped tiny tokenizer is saved beside it (its vocabulary sets the
+    embedding size unless `vocab_size` is given: the decoder layers are what a benchmark of the merge measures).
+    Norm weights are ones, everything else normal(0, `std`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    fields = dict(config_fields)
+    model_type = fields.pop("model_type")
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.setdefault("tie_word_embeddings", False)
+    config = AutoConfig.for_model(model_type, **fields)
+    config.save_pretrained(directory)
+    spec = spec_for(json.loads((directory / "config.json").read_text()))
+    layout = disk_layout(config, spec)
+    groups: dict[str, list[str]] = {}
+    for name in layout:
+        layer = name[len(spec.layers_prefix):].split(".", 1)[0] if name.startswith(spec.layers_prefix) else None
+        groups.setdefault("rest" if layer is None else f"layer-{int(layer):05d}", []).append(name)
+    g = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, (_group, names) in enumerate(sorted(groups.items())):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            shape = layout[name]
+            if len(shape) == 1 and "norm" in name:
+                tensors[name] = torch.ones(shape, dtype=dtype)
+            else:
+                tensors[name] = (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype) \
+                    if len(shape) < 2 or shape[0] * shape[1] < (1 << 24) else _randn_rows(shape, g, std, dtype)
+            weight_map[name] = shard
+            total += tensors[name].nbytes
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return directory
+
+
+def _randn_rows(shape: tuple[int, ...], g: torch.Generator, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """normal(0, std) in `dtype`, generated a block of rows at a time: no fp32 copy of a large matrix."""
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, (1 << 22) // max(1, out[0].numel()))
+    for s in range(0, shape[0], step):
+        out[s : s + step] = torch.randn(out[s : s + step].shape, generator=g) * std
+    return out
