@@ -3,7 +3,8 @@
 The push fails because the loopback Hub is told to reject the next commit (`fail_next`, a non-transient 403, so
 the client does not retry on its own). Driven at the level of the app's handlers (`merge_and_push` in app.py,
 `retry_panel.retry_push`) with the real job, the real huggingface_hub client and the loopback Hub of
-tests/test_space.py; the disk budget and eviction rules of hc_smoe_hub/space_keep.py directly.
+tests/test_space.py; the disk budget and eviction rules of hc_smoe_hub/space_keep.py directly; and once in
+Chromium (as tests/test_space_browser.py drives the page): the failure, the button, the retry, the link.
 
     pytest tests/test_space_retry.py -q
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import gradio as gr
 import pytest
 from test_hub import ALICE, hf_env, hub  # noqa: F401  (pytest fixtures)
-from test_space import app, form, local_env, pytestmark  # noqa: F401  (fixtures, warning filters)
+from test_space import SOURCE, app, form, local_env, pytestmark, space  # noqa: F401  (fixtures, warning filters)
+from test_space_browser import JOB_TIMEOUT_MS, page  # noqa: F401  (fixture)
 
 from hc_smoe_hub import retry_panel, space_keep
 from hc_smoe_hub.methods import MethodOptions
@@ -104,6 +106,37 @@ def test_a_failed_evaluation_does_not_claim_the_model_is_kept(local_env, calib_f
     assert "was not kept on this Space" in plain and retry.visible is False and kept is None
     assert not any(local_env.tmp.glob(space_keep.WORKDIR_PREFIX + "*"))
     assert not local_env.hub.repo_exists(TARGET)
+
+
+def test_in_the_browser_the_retry_button_pushes_the_kept_model(space, page, calib_file):  # noqa: F811
+    from playwright.sync_api import expect
+
+    page.goto(space.url)
+    page.get_by_role("button", name="Sign in with Hugging Face").click()
+    expect(page.get_by_role("button", name="Logout (alice)")).to_be_visible()
+    page.get_by_label("Source model").fill(SOURCE)
+    page.get_by_label("Experts to keep").fill("2")
+    page.get_by_label("Calibration dataset").fill(str(calib_file))
+    page.get_by_text("Advanced", exact=True).click()
+    page.get_by_label("Calibration samples").fill("4")
+    page.get_by_label("Block length (tokens)").fill("64")
+    page.locator("#tasks").get_by_title("Clear").click()
+    retry = page.get_by_role("button", name="Retry the push")
+    expect(retry).to_be_hidden()
+
+    space.hub.fail_next("POST", COMMIT, status=403)
+    page.get_by_role("button", name="Merge and push").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text("Failed (stage: push)", timeout=JOB_TIMEOUT_MS)
+    expect(status).to_contain_text("is kept on this Space")
+    expect(retry).to_be_visible()
+    retry.click()
+    link = page.locator("#status a", has_text=TARGET)
+    expect(link).to_be_visible(timeout=JOB_TIMEOUT_MS)
+    assert link.get_attribute("href") == f"{space.hub.endpoint}/{TARGET}"
+    expect(retry).to_be_hidden()
+    assert "config.json" in space.hub.repo_files(TARGET)
+    assert not any(space.tmp.glob(space_keep.WORKDIR_PREFIX + "*"))
 
 
 # ---------------------------------------------------------------------------- the budget, directly
