@@ -37,7 +37,7 @@ class CalibrationSpec:
         return f"{self.source} ({self.num_samples} x {self.seq_len} tokens, seed {self.seed})"
 
 
-def _load_documents(spec: CalibrationSpec) -> list[str]:
+def _load_documents(spec: CalibrationSpec, token: str | bool | None = None) -> list[str]:
     path = Path(spec.source).expanduser()
     if path.suffix == ".txt" or (path.exists() and path.is_file() and path.suffix not in {".json", ".jsonl", ".gz"}):
         if not path.exists():
@@ -54,9 +54,9 @@ def _load_documents(spec: CalibrationSpec) -> list[str]:
                 raise CalibrationError(f"calibration file {path} does not exist: check --calibration")
             ds = datasets.load_dataset("json", data_files=str(path), split="train")
         elif spec.source == DEFAULT_CALIBRATION:
-            ds = datasets.load_dataset(C4_DATASET, data_files=C4_FILE, split="train")
+            ds = datasets.load_dataset(C4_DATASET, data_files=C4_FILE, split="train", token=token)
         else:
-            ds = datasets.load_dataset(spec.source, split=spec.split)
+            ds = datasets.load_dataset(spec.source, split=spec.split, token=token)
     except CalibrationError:
         raise
     except Exception as exc:  # datasets raises many unrelated types for "cannot reach / cannot find"
@@ -78,11 +78,11 @@ def _shuffled(docs: list[str], seed: int) -> list[str]:
     return [docs[i] for i in order]
 
 
-def build_blocks(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
+def build_blocks(tokenizer, spec: CalibrationSpec, token: str | bool | None = None) -> torch.Tensor:
     """(num_samples, seq_len) int64 token ids."""
     if spec.num_samples < 1 or spec.seq_len < 2:
         raise CalibrationError("--num-samples must be >= 1 and --seq-len >= 2")
-    docs = _load_documents(spec)
+    docs = _load_documents(spec, token)
     need = spec.num_samples * spec.seq_len
     ids: list[int] = []
     with tqdm(total=need, desc="calibration tokens", unit="tok", leave=False) as bar:

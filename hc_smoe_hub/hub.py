@@ -314,14 +314,13 @@ def push_folder(
         except Exception as exc:
             cause = _scrub(_describe(exc), token)
             if not _is_transient(exc):
-                message = f"pushing to {repo_id} on {endpoint} failed: {cause}; fix that and run `{resume}`"
-                raise HubAccessError(message) from exc
+                detail = f"pushing to {repo_id} on {endpoint} failed: {cause}"
+                raise _push_error(f"{detail}; fix that and run `{resume}`", detail) from exc
             if attempt == attempts:
-                message = (
-                    f"pushing to {repo_id} on {endpoint} failed {attempts} times ({cause}); the merged model "
-                    f"is safe in {folder}: run `{resume}` to try again"
-                )
-                raise HubAccessError(message) from exc
+                detail = f"pushing to {repo_id} on {endpoint} failed {attempts} times ({cause})"
+                raise _push_error(
+                    f"{detail}; the merged model is safe in {folder}: run `{resume}` to try again", detail
+                ) from exc
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning(
                 "push to %s failed (%s), retrying in %.0fs (attempt %d of %d)",
@@ -339,6 +338,13 @@ def push_folder(
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _push_error(message: str, detail: str) -> HubAccessError:
+    """The CLI's message names a local folder and a command; `detail` is the failure alone (the Space shows it)."""
+    error = HubAccessError(message)
+    error.detail = detail  # type: ignore[attr-defined]
+    return error
 
 
 class _SilentTqdm(tqdm):

@@ -69,8 +69,13 @@ def job_argv(source: str, keep: str, calibration: str, repo_id: str, method: str
     return argv
 
 
-def routed(local: Callable[..., Iterator[tuple]]) -> Callable[..., Iterator[tuple]]:
-    """The "Merge and push" handler with the Run-on choice in front of `local` (app.py's merge_and_push)."""
+def routed(local: Callable[..., Iterator[tuple]], extra_outputs: int = 0) -> Callable[..., Iterator[tuple]]:
+    """The "Merge and push" handler with the Run-on choice in front of `local` (app.py's merge_and_push).
+
+    `local` yields (status, log, table, button) and `extra_outputs` more values; the Jobs path leaves those as
+    they are. The job reference comes last.
+    """
+    pad = (gr.skip(),) * extra_outputs
 
     # run_on comes last, so that API clients that call the endpoint with the form alone keep working.
     def run(source: str, keep: str, calibration: str, repo_id: str, method: str, linkage: str, merge: str,
@@ -99,12 +104,12 @@ def routed(local: Callable[..., Iterator[tuple]]) -> Callable[..., Iterator[tupl
             plan = plan_on_jobs(args, args_list, parser)
             job = submit(plan)
         except HcSmoeError as exc:
-            yield f"### Cannot start\n\n{_md(note + str(exc))}", "", gr.skip(), idle, gr.skip()
+            yield f"### Cannot start\n\n{_md(note + str(exc))}", "", gr.skip(), idle, *pad, gr.skip()
             return
         ref = f"{plan.namespace}/{job.id}"
         head = f"{note}{describe(plan)}".replace("\n", "\n\n")
-        yield f"### Running on Hugging Face Jobs: job {job.id}\n\n{_md(head)}", "", gr.skip(), busy, ref
-        yield from (update + (gr.skip(),) for update in follow(ref, token, busy, idle))
+        yield f"### Running on Hugging Face Jobs: job {job.id}\n\n{_md(head)}", "", gr.skip(), busy, *pad, ref
+        yield from (update + pad + (gr.skip(),) for update in follow(ref, token, busy, idle))
 
     return run
 

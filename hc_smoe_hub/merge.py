@@ -193,7 +193,9 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
                           f"{request.output_dir}): free space or choose another --output-dir")
 
     t1 = time.perf_counter()
-    blocks = build_blocks(tokenizer, request.calibration)
+    # The job's own token (on a Space the signed-in user's), not whatever HF_TOKEN the process has: a Space
+    # must not read its owner's private datasets for a visitor.
+    blocks = build_blocks(tokenizer, request.calibration, request.token)
     timings["calibration"] = time.perf_counter() - t1
     partial.check_calibration(tokens_digest(blocks))
 

@@ -33,6 +33,9 @@ log = logging.getLogger("hc_smoe_space")
 
 # The access token gradio's local login mock puts in the session (gradio/oauth.py, `_get_mocked_oauth_info`).
 MOCK_OAUTH_TOKEN = "mock-oauth-token-for-local-dev"
+# The OAuth scope a push needs at least: write-repos (creating a new repo also takes manage-repos, which the
+# Space's README asks for; an existing target needs only write-repos, so only that one is required here).
+PUSH_SCOPES = ("write-repos",)
 # A ZeroGPU "large" slice is half an H200; CUDA is invisible outside @spaces.GPU there, so it cannot be measured.
 ZERO_GPU_MEMORY = 70 * 10**9
 
@@ -154,6 +157,13 @@ def resolve_user_token(oauth_token: gr.OAuthToken | None) -> str:
         if not token:
             raise HcSmoeError(hub.NO_TOKEN_MESSAGE)
         return token
+    if on_space() and oauth_token.token != MOCK_OAUTH_TOKEN:
+        # whoami says nothing of what an OAuth token may do, so the Hub would refuse only at the very end.
+        missing = [scope for scope in PUSH_SCOPES if scope not in (oauth_token.scope or "").split()]
+        if missing:
+            raise HcSmoeError(f"signing in to this Space does not grant write access to your repos (its OAuth "
+                              f"scopes lack {' and '.join(missing)}): the Space's owner must add them to "
+                              "hf_oauth_scopes in its README")
     return oauth_token.token
 
 

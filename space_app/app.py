@@ -15,6 +15,9 @@ Settings for the operator (environment variables):
     HC_SMOE_MEMORY_LIMIT  memory a job may use, e.g. "70GB" (default: the free GPU memory, 70 GB on ZeroGPU, or
                           the available RAM without a GPU); a larger model is refused before anything is downloaded
     HC_SMOE_WORKDIR       where merged checkpoints are written before the push (default: the system temp dir)
+    HC_SMOE_SPACE_KEEP_GB disk the merged checkpoints of failed pushes may keep for "Retry the push", all together
+                          (default 20; 0 keeps none); the oldest kept ones are evicted first, a larger one is
+                          deleted at once and the page says so (hc_smoe_hub/space_keep.py)
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ except ModuleNotFoundError:
 
 import gradio as gr
 
-from hc_smoe_hub import hub, jobs_panel
+from hc_smoe_hub import hub, jobs_panel, retry_panel, space_keep
 from hc_smoe_hub.architectures import SPECS
 from hc_smoe_hub.calibration import DEFAULT_CALIBRATION
 from hc_smoe_hub.clustering import LINKAGES
@@ -56,7 +59,7 @@ from hc_smoe_hub.errors import HcSmoeError
 from hc_smoe_hub.evaluation import PAPER_TASKS, headline
 from hc_smoe_hub.merging import MERGE_MODES, ROUTER_MODES
 from hc_smoe_hub.methods import METHODS, MethodOptions
-from hc_smoe_hub.pipeline import default_repo_name, run_job
+from hc_smoe_hub.pipeline import UnfinishedJob, default_repo_name, run_job
 from hc_smoe_hub.space_jobs import (
     JobPlan,
     on_space,
@@ -70,7 +73,10 @@ PACKAGE_LOGGER = "hc_smoe_hub"
 LOG_LINES = 400
 RESULT_HEADERS = ["task", "metric", "original", "merged", "change"]
 
-Event = tuple[str, Any]  # ("log", line) | ("stage", name) | ("done", summary dict) | ("error", message)
+# ("log", line) | ("stage", name) | ("done", summary dict) | ("error", message) | ("unfinished", dict): a stage
+# after the merge failed (stage, folder of the complete checkpoint, repo_id, reason)
+Event = tuple[str, Any]
+ENDINGS = ("done", "error", "unfinished")
 
 
 def repo_link(repo_id: str) -> str:
@@ -133,6 +139,9 @@ def run_plan(plan: JobPlan) -> Iterator[list[Event]]:
         try:
             result = run_job(plan.job, on_stage=lambda name: events.put(("stage", name)))
             events.put(("done", _summary(result)))
+        except UnfinishedJob as exc:
+            events.put(("unfinished", {"stage": exc.stage, "folder": str(exc.output_dir), "repo_id": exc.repo_id,
+                                       "reason": retry_panel.reason(exc.cause)}))
         except HcSmoeError as exc:
             events.put(("error", str(exc)))
         except Exception as exc:  # a bug: the page gets one line, the server log the traceback
@@ -151,7 +160,7 @@ def run_plan(plan: JobPlan) -> Iterator[list[Event]]:
                 except queue.Empty:
                     break
             yield batch
-            if any(kind in ("done", "error") for kind, _ in batch):
+            if any(kind in ENDINGS for kind, _ in batch):
                 break
     finally:
         # Hold the single job slot until the job has really finished, even if the page went away.
@@ -215,7 +224,7 @@ def merge_and_push(source: str, keep: str, calibration: str, repo_id: str, metho
                    router: str, num_samples: float, seq_len: float, tasks: list[str] | None, limit: float | None,
                    include_path: str, private: bool, overwrite: bool, oauth_token: gr.OAuthToken | None,
                    progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Iterator[tuple]:  # noqa: B008
-    """The "Merge and push" handler: yields (status, log, results table, button) as the job goes."""
+    """The "Merge and push" handler: yields (status, log, results table, button, retry button, kept folder)."""
     lines: deque[str] = deque(maxlen=LOG_LINES)
     busy, idle = gr.Button(interactive=False), gr.Button(interactive=True)
     no_table = gr.Dataframe(value=None, visible=False)
@@ -224,7 +233,7 @@ def merge_and_push(source: str, keep: str, calibration: str, repo_id: str, metho
         plan = prepare_job(source, keep, calibration, repo_id, method, linkage, merge, router, num_samples, seq_len,
                            tasks, limit, include_path, private, overwrite, token)
     except HcSmoeError as exc:
-        yield f"### Cannot start\n\n{_md_escape(str(exc))}", "", no_table, idle
+        yield f"### Cannot start\n\n{_md_escape(str(exc))}", "", no_table, idle, gr.skip(), gr.skip()
         return
 
     started = time.perf_counter()
@@ -233,7 +242,9 @@ def merge_and_push(source: str, keep: str, calibration: str, repo_id: str, metho
     # Progress has no public handle on a bar it tracks, so the stage bar is its first tracked iterable.
     progress.tqdm(None, desc="stages", total=len(plan.stages), unit="stage")
     stage_bar = progress.iterables[0] if progress.iterables else None
-    yield status, "", no_table, busy
+    # A new job replaces the retry of an earlier failed push (that folder is evicted in time, see space_keep).
+    no_retry = gr.Button(visible=False)
+    yield status, "", no_table, busy, no_retry, None
     events = run_plan(plan)
     try:
         for batch in events:
@@ -252,25 +263,31 @@ def merge_and_push(source: str, keep: str, calibration: str, repo_id: str, metho
                 _drop_disabled_bars(progress)
                 progress.update(0)  # sends the bars as they are now
             if outcome is None:
-                yield status, "\n".join(lines), gr.skip(), busy
+                yield status, "\n".join(lines), gr.skip(), busy, gr.skip(), gr.skip()
     except gr.Error as exc:  # e.g. ZeroGPU refusing the GPU slot (quota): already worded for the user
         outcome = ("error", str(exc.message))
     except Exception as exc:
         log.exception("the job stream failed")
         outcome = ("error", f"internal error ({type(exc).__name__}: {exc}); the app's log has the details")
     finally:
-        # Closing the event stream waits for the job to end; only then may its files go. The merged checkpoint
-        # is on the Hub (or the job failed): the local copy would only fill the disk.
+        # Closing the event stream waits for the job to end; only then may its files go. Pushed, or failed
+        # before or during the merge, the local copy would only fill the disk; a failed push may keep it below.
         events.close()
-        shutil.rmtree(plan.workdir, ignore_errors=True)
+        if outcome is None or outcome[0] != "unfinished" or outcome[1]["stage"] != "push":
+            shutil.rmtree(plan.workdir, ignore_errors=True)
+    text = "\n".join(lines)
     if outcome is not None and outcome[0] == "done":
         rows = results_rows(outcome[1]["results_before"], outcome[1]["results_after"])
         table = gr.Dataframe(value=rows, headers=RESULT_HEADERS, visible=bool(rows))
-        yield _finished_markdown(outcome[1], time.perf_counter() - started), "\n".join(lines), table, idle
+        yield _finished_markdown(outcome[1], time.perf_counter() - started), text, table, idle, no_retry, None
+    elif outcome is not None and outcome[0] == "unfinished":
+        message, kept = retry_panel.after_unfinished(plan, outcome[1])
+        retry = gr.Button(visible=True, interactive=True) if kept else no_retry
+        yield message, text, no_table, idle, retry, kept.workdir if kept else None
     else:
         where = f" (stage: {stage})" if stage else ""
         message = outcome[1] if outcome is not None else "the job ended without a result"
-        yield f"### Failed{where}\n\n{_md_escape(message)}", "\n".join(lines), no_table, idle
+        yield f"### Failed{where}\n\n{_md_escape(message)}", text, no_table, idle, no_retry, None
 
 
 def suggest_repo(source: str, keep: str, method: str, profile: gr.OAuthProfile | None) -> str:
@@ -333,6 +350,7 @@ def build_demo() -> gr.Blocks:
                 overwrite = gr.Checkbox(False, label="Replace the files of an existing target repository")
         run_on, job_ref = jobs_panel.add_controls()
         run = gr.Button("Merge and push", variant="primary")
+        retry, kept = retry_panel.add_controls()
         status = gr.Markdown(elem_id="status")
         # Where gradio draws the progress bars (stage, then the current stage's tqdm bars), away from the text.
         bars = gr.Markdown(elem_id="progress", min_height=48, container=False)
@@ -351,15 +369,18 @@ def build_demo() -> gr.Blocks:
         follow_log = "() => { const t = document.querySelector('#log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
         log_box.change(None, None, None, js=follow_log)
         run.click(
-            jobs_panel.routed(merge_and_push),
+            jobs_panel.routed(merge_and_push, extra_outputs=2),
             [source, keep, calibration, repo_id, method, linkage, merge, router, num_samples, seq_len, tasks, limit,
              include_path, private, overwrite, run_on],
-            [status, log_box, table, run, job_ref],
+            [status, log_box, table, run, retry, kept, job_ref],
             api_name="merge_and_push",
             concurrency_limit=1,
             concurrency_id="merge",
             show_progress_on=[bars],
         )
+        # In the job's slot: a retry never overlaps a job whose failed push could evict the folder it pushes.
+        retry.click(retry_panel.retry_push, [kept], [status, retry, kept], api_name="retry_push", concurrency_limit=1,
+                    concurrency_id="merge", show_progress="hidden")
         demo.load(jobs_panel.reattach, [job_ref], [status, log_box, job_ref], api_visibility="private")
     return demo.queue(max_size=32)
 
@@ -376,6 +397,9 @@ def main() -> None:
                         datefmt="%H:%M:%S")
     for name in (PACKAGE_LOGGER, log.name):
         logging.getLogger(name).setLevel(logging.INFO)
+    removed = space_keep.release_all(space_keep.work_root())
+    if removed:
+        log.info("removed %d merged model(s) kept by an earlier run of this app: no page can retry them", removed)
     if not on_space() and hub.resolve_token(None) is None:
         sys.exit("app.py: outside a Space the 'Sign in with Hugging Face' button stands for the account this machine "
                  "is logged in with: run `hf auth login` or set HF_TOKEN first")

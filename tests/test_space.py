@@ -183,6 +183,9 @@ def test_on_a_space_only_the_signed_in_users_token_is_used(monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/hc-smoe")
     assert app.resolve_user_token(user) == "hf_oauth_user"
     assert app.resolve_user_token(mock) == space_jobs.MOCK_OAUTH_TOKEN  # never swapped for the owner's token
+    no_write = gr.OAuthToken(token="hf_oauth_user", scope="openid profile", expires_at=0)
+    with pytest.raises(app.HcSmoeError, match="OAuth scopes lack write-repos"):
+        app.resolve_user_token(no_write)  # refused before compute: whoami would not tell, the push would fail
     for signed_out in (None, gr.OAuthToken(token="", scope="", expires_at=0)):
         with pytest.raises(app.HcSmoeError, match="sign in"):
             app.resolve_user_token(signed_out)
@@ -214,10 +217,11 @@ def test_a_failing_job_stream_is_reported_and_the_button_comes_back(local_env, m
 
     monkeypatch.setattr(app, "run_plan", refused_slot)
     token = gr.OAuthToken(token=ALICE, scope="", expires_at=0)
-    *_, (status, log, table, button) = app.merge_and_push(**form(calib_file), oauth_token=token)
+    *_, (status, log, table, button, retry, kept) = app.merge_and_push(**form(calib_file), oauth_token=token)
     assert status.startswith("### Failed (stage: access)") and "GPU quota" in status
     assert "stage access done" in log
     assert button.interactive is True and table.visible is False
+    assert retry.visible is False and kept is None  # failed before the merge: nothing to retry
     assert not any(local_env.tmp.glob("hc-smoe-space-*"))
 
 

@@ -15,6 +15,7 @@ Errors carry the `X-Error-Code` header that `hf_raise_for_status` maps to `Repos
         ...  # point HF_ENDPOINT / HfApi(endpoint=hub.endpoint) at hub.endpoint
         hub.repo_files("alice/out")  # {path: bytes} at the head of main
         hub.auth_log  # (method, path, user of the token) of every request that presented a token
+        hub.token_log  # the same with the token's display name (`hub.token_name(token)`)
 
 Layout, one concern per module:
 
@@ -25,6 +26,9 @@ Layout, one concern per module:
 - `lfs.py`: which files are LFS, the batch + verify endpoints, and a second loopback origin standing for the
   Hub's object storage (presigned upload and download URLs; its requests land in the same `requests` log).
 - `files.py`: model info, tree listing, `/resolve` downloads (with `Range`; LFS files redirect to storage).
+- `oauth.py`: the OpenID Connect provider a Space's "Sign in with Hugging Face" uses (discovery, authorize with
+  auto-approval for `hub.oauth.signed_in`, token, userinfo, JWKS); issued tokens carry OAuth scopes.
+- `dataset_repos.py`: read-only dataset repos (`hub.seed_dataset`) as `datasets.load_dataset` reads them.
 - `hub.py`: `LoopbackHub`, which plugs the concerns together and carries the helpers tests call.
 
 Adding a concern (the hook): write a module with a class whose constructor takes the hub and registers its

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from .auth import Auth, Token
+from .dataset_repos import PREFIX as DATASET_PREFIX
+from .dataset_repos import DatasetRepos
 from .files import Files
 from .lfs import DEFAULT_LFS_THRESHOLD, Lfs, sha256_hex
+from .oauth import OAuth
 from .repos import Repos
 from .server import HubError, HubServer, Request
 
@@ -49,6 +52,8 @@ class LoopbackHub(HubServer):
         no_xet = "Xet storage cannot be served by the loopback hub: set HF_HUB_DISABLE_XET=1 (LFS is served)"
         for kind in ("write", "read"):
             self.add_route("GET", f"/api/models/{{ns}}/{{name}}/xet-{kind}-token/{{rest...}}", _unsupported(no_xet))
+        self.datasets = DatasetRepos(self)
+        self.oauth = OAuth(self)
         self.extensions: dict[str, Any] = {
             name: factory(self) for name, factory in {**DEFAULT_EXTENSIONS, **(extensions or {})}.items()
         }
@@ -58,6 +63,11 @@ class LoopbackHub(HubServer):
                 "/{ns}/{name}.git/{rest...}",
                 _unsupported("git transfers are not supported by the loopback hub"),
             )
+
+    def token_name(self, token: str) -> str:
+        """The display name `token_log` records for `token`."""
+        with self._lock:
+            return self.auth.tokens[token].display_name
 
     def token_from_header(self, authorization: str | None) -> Token | None:
         with self._lock:
@@ -130,6 +140,10 @@ class LoopbackHub(HubServer):
                     repo.lfs_oids.add(sha256_hex(data))
             files_at_head = {**head.files, **contents}
             return self.store.add_commit(repo, "main", message, "", files_at_head, head.oid, frozenset(lfs)).oid
+
+    def seed_dataset(self, repo_id: str, files: Mapping[str, bytes | Path]) -> str:
+        """Publish a public dataset repo `repo_id` (plain data files, no loading script); returns its head sha."""
+        return self.seed_repo(DATASET_PREFIX + repo_id, files)
 
     def grant_access(self, repo_id: str, user: str) -> None:
         """Accept the licence of a gated repo on behalf of `user`."""

@@ -172,7 +172,7 @@ class Repos:
         if not REPO_NAME.match(name) or name.endswith(".git") or "--" in name or ".." in name:
             raise HubError(400, f"Invalid repo name: {name!r}")
         repo_id = f"{namespace}/{name}"
-        if not self.auth.can_write(token, namespace, repo_id):
+        if not self.auth.can_write(token, namespace, repo_id, create=repo_id not in self.repos):
             raise HubError(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         url = f"{self.server.endpoint}/{repo_id}"
         if repo_id in self.repos:

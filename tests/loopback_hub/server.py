@@ -167,6 +167,8 @@ class HubServer:
         self.max_body_bytes = max_body_bytes
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.auth_log: list[tuple[str, str, str | None]] = []  # (method, path, token's user) of authed requests
+        # (method, path, token's display name) of the same requests: tells two tokens of one user apart.
+        self.token_log: list[tuple[str, str, str]] = []
         self._lock = threading.RLock()
         self._routes: list[Route] = []
         self._failures: list[_Failure] = []
@@ -252,6 +254,7 @@ class HubServer:
                     token = request.__dict__.get("token")  # only if the handler looked at it
                     if token is not None:
                         self.auth_log.append((request.method, request.path, token.user))
+                        self.token_log.append((request.method, request.path, token.display_name))
                 return answer
         raise HubError(404, f"no route for {request.method} {request.path}")
 
