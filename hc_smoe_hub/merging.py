@@ -102,9 +102,15 @@ def _chunks(n: int, size: int = 4096) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _group_weights(x: torch.Tensor, router: torch.Tensor, g: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(logits: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+    """The router's scores (softmax unless `routing` says sigmoid), fp32."""
+    return torch.softmax(logits.float(), dim=-1) if routing is None else routing.scores(logits)
+
+
+def _group_weights(x: torch.Tensor, router: torch.Tensor, g: list[int],
+                   routing: Routing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each member's share of the group's router probability per token (T, |g|), and the group's mass (T, 1)."""
-    probs = torch.softmax(x @ router.float().T, dim=-1)[:, g]
+    probs = _scores(x @ router.float().T, routing)[:, g]
     mass = probs.sum(-1, keepdim=True).clamp(min=1e-12)
     return probs / mass, mass
 
@@ -164,13 +170,15 @@ def router_rows(
     x: torch.Tensor | None = None,
     fit_steps: int = 30,
     max_fit_tokens: int = 4096,
+    routing: Routing | None = None,
 ) -> torch.Tensor:
     """K router rows for K groups.
 
     `dominant`: the most-used member's row. `mean`: frequency-weighted mean of member rows. `fit`: rows fitted on
     the calibration tokens so that softmax over the K new logits matches the summed probability of each group's
     members under the original router (the paper's N-row semantics), by minimizing the cross-entropy, a convex
-    problem, with L-BFGS from the `mean` rows.
+    problem, with L-BFGS from the `mean` rows. With sigmoid scores (`routing.scoring`), each new row's sigmoid is
+    fitted to its group's summed member score, capped at 1, by binary cross-entropy (also convex).
     """
     if strategy == "dominant":
         return router[[most_used(g, freqs) for g in groups]].clone()
@@ -187,20 +195,43 @@ def router_rows(
         return router[[g[0] for g in groups]].clone()
     xs = x[:: max(1, x.shape[0] // max_fit_tokens)].float()
     with torch.no_grad():
-        probs = torch.softmax(xs @ router.float().T, dim=-1)
+        probs = _scores(xs @ router.float().T, routing)
         target = torch.stack([probs[:, g].sum(-1) for g in groups], dim=-1)
+    sigmoid = routing is not None and routing.scoring == "sigmoid"
+    if sigmoid:
+        target = target.clamp(max=1.0)
     w = mean.detach().float().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=fit_steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = -(target * torch.log_softmax(xs @ w.T, dim=-1)).sum(-1).mean()
+        if sigmoid:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w.T, target, reduction="none")
+            loss = loss.sum(-1).mean()
+        else:
+            loss = -(target * torch.log_softmax(xs @ w.T, dim=-1)).sum(-1).mean()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     return w.detach().to(router.dtype)
+
+
+def router_bias(bias: torch.Tensor | None, groups: list[list[int]], strategy: str,
+                freqs: torch.Tensor) -> torch.Tensor | None:
+    """K entries of a per-expert router tensor (the selection bias), reduced by the rule of the router rows.
+
+    `dominant`: the most-used member's entry, as its row is; `mean` and `fit`: the frequency-weighted mean of the
+    members' entries, as the `mean` rows are (`fit` starts from those rows and fits the rows only, the bias being
+    selection-only). A singleton keeps its own entry under every rule, so pruning keeps the bias bit-identical.
+    """
+    if bias is None:
+        return None
+    if strategy == "dominant":
+        return bias[[most_used(g, freqs) for g in groups]].clone()
+    return torch.stack([(_weights(g, freqs).to(bias.device) * bias[g].float()).sum() if len(g) > 1
+                        else bias[g[0]].float() for g in groups]).to(bias.dtype)
 
 
 def refit_down(
@@ -212,6 +243,7 @@ def refit_down(
     act: Activation,
     ridge: float = 1e-3,
     targets: list[torch.Tensor | None] | None = None,
+    routing: Routing | None = None,
 ) -> Experts:
     """Re-fit each merged expert's down projection by least squares so that it reproduces its whole group.
 
@@ -227,7 +259,7 @@ def refit_down(
             downs.append(base.down[c].float())
             continue
         xf = x.float()
-        share, mass = _group_weights(xf, router, g)
+        share, mass = _group_weights(xf, router, g, routing)
         target = targets[c] if targets is not None and targets[c] is not None else \
             _group_target(experts, g, xf, share, act)
         downs.append(_solve_down(base.gate[c].float(), base.up[c].float(), xf, target, mass, act, ridge))
@@ -251,18 +283,18 @@ def _solve_down(gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, target: t
 
 def fix_dom_refit(
     experts: Experts, groups: list[list[int]], features: torch.Tensor, x_per_group: list[torch.Tensor],
-    router: torch.Tensor, act: Activation, ridge: float = 1e-3,
+    router: torch.Tensor, act: Activation, ridge: float = 1e-3, routing: Routing | None = None,
 ) -> Experts:
     """`fix_dom_merge` followed by `refit_down`, sharing one pass over the members' activations per group."""
     merged, targets = [], []
     for g, x in zip(groups, x_per_group, strict=True):
         xf = x.float()
-        share = _group_weights(xf, router, g)[0] if len(g) > 1 and x.shape[0] else None
+        share = _group_weights(xf, router, g, routing)[0] if len(g) > 1 and x.shape[0] else None
         mats, target = _fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
         merged.append(mats)
         targets.append(target)
     base = _stack(merged, experts.gate.dtype)
-    return refit_down(experts, base, groups, x_per_group, router, act, ridge, targets)
+    return refit_down(experts, base, groups, x_per_group, router, act, ridge, targets, routing)
 
 
 def refit_down_rerouted(
@@ -279,12 +311,13 @@ def refit_down_rerouted(
     chunk: int = 2048,
     routed: torch.Tensor | None = None,
     cache_bytes: int = 2 << 30,
+    new_bias: torch.Tensor | None = None,
 ) -> Experts:
     """Re-fit the K down projections jointly, for the layer as the reduced model will route it.
 
     `refit_down` fits each merged expert to its own group's output, blind to the new routing. Here the K merged
-    experts (gate/up from `base`) are routed by `new_router` exactly as the reduced model routes: softmax over the K
-    new logits, top-min(k, K), renormalized when `routing` renormalizes, weights w'_tk. The down projections D_k
+    experts (gate/up from `base`) are routed by `new_router` (and `new_bias`) exactly as the reduced model routes:
+    `routing` over the K new logits, top-min(k, K), weights w'_tk. The down projections D_k
     are fitted so that sum_k w'_tk h'_k(x_t) D_k^T approximates the original routed output
     y_t = sum_i w_ti E_i(x_t) (shared experts cancel) on a strided sample of at most `max_tokens` tokens of `x`.
 
@@ -314,7 +347,7 @@ def refit_down_rerouted(
                 t = tok[s : s + chunk]
                 resid.index_add_(0, t, expert_hidden(xs[t], g, u, act) @ d.T * w0[t, slot[s : s + chunk], None])
     k_new = base.count
-    weights, indices = route(xs @ new_router.float().T, Routing(min(routing.top_k, k_new), routing.renormalize))
+    weights, indices = route(xs @ new_router.float().T, routing.reduced(k_new, new_bias))
     downs = [base.down[k].float().clone() for k in range(k_new)]
     per_expert = []
     for k in range(k_new):

@@ -15,20 +15,20 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
-from hc_smoe_hub.routing import Experts, Routing, moe_output
+from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
 
 log = logging.getLogger(__name__)
@@ -106,22 +106,26 @@ class StreamingMerger:
                  settings: EngineSettings):
         self.src, self.config, self.spec, self.s = source, config, spec, settings
         self.n_experts = spec.num_experts(config)
-        self.hf_config = AutoConfig.from_pretrained(src_dir)
+        self.hf_config = spec.hf_config(src_dir)
         self.hf_config._attn_implementation = "sdpa"
-        self.reduced_hf_config = AutoConfig.from_pretrained(src_dir)
+        self.reduced_hf_config = spec.hf_config(src_dir)
         self.reduced_hf_config._attn_implementation = "sdpa"
-        for k, v in spec.reduced_config(config, settings.keep).items():
-            if k in spec.expert_count_keys or k == spec.top_k_key:
-                setattr(self.reduced_hf_config, k, v)
-        self.routing = Routing(spec.top_k(config), spec.renormalizes(config))
+        reduced_text = getattr(self.reduced_hf_config, spec.text_config) if spec.text_config else \
+            self.reduced_hf_config
+        for k, v in spec.reduced_fields(config, settings.keep).items():
+            setattr(reduced_text, k, v)
+        self.routing = spec.routing(config)  # each MoE layer adds its own selection bias, when the family has one
         hidden_act = config.get("hidden_act", "silu")
         # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
         self.act = torch.nn.functional.silu if hidden_act == "silu" else ACT2FN[hidden_act]
-        self.num_layers = int(config["num_hidden_layers"])
+        self.num_layers = spec.num_layers(config)
         self.moe_layers = [i for i in range(self.num_layers) if spec.router_key(i) in source]
         if not self.moe_layers:
             raise SourceError(f"no router weights ({spec.router_key(0)}) in the checkpoint: is it really "
                               f"a {spec.family} MoE?")
+        if self.moe_layers != spec.moe_layer_ids(config):
+            raise SourceError(f"the checkpoint has routers in layers {self.moe_layers} but its config.json makes "
+                              f"layers {spec.moe_layer_ids(config)} MoE: the weights and config do not match")
         # The skeleton is built up front: it imports the model class, and a model transformers cannot build
         # fails here, before any calibration.
         with torch.device("meta"):
@@ -139,9 +143,11 @@ class StreamingMerger:
         dropped = {k for layer in self.moe_layers for e in range(keep, self.n_experts)
                    for k in self.spec.expert_keys(layer, e)}
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
+        routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
-            if key in dropped:
+            layer = self._layer_of(key)
+            if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
             shape = (keep, *info.shape[1:]) if key in routers else info.shape
@@ -241,7 +247,7 @@ class StreamingMerger:
         return hidden, kwargs_list
 
     def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor], experts: Experts | None,
-                     router: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                     router: torch.Tensor | None, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """On-disk tensors of one layer -> the decoder layer's in-memory state dict (fused experts)."""
         spec = self.spec
         prefix = spec.layer_prefix(layer_idx)
@@ -260,6 +266,8 @@ class StreamingMerger:
             state[moe_mem + "experts.gate_up_proj"] = torch.cat([experts.gate, experts.up], dim=1)
             state[moe_mem + "experts.down_proj"] = experts.down
             state[moe_mem + spec.router] = router
+            if bias is not None:
+                state[moe_mem + spec.scoring.bias] = bias
         return state
 
     def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
@@ -350,6 +358,9 @@ class StreamingMerger:
         per_expert = [spec.expert_keys(layer_idx, e) for e in range(self.n_experts)]
         experts = Experts(*(torch.stack([tensors[keys3[j]] for keys3 in per_expert]) for j in range(3)))
         router = tensors[spec.router_key(layer_idx)]
+        bias_key = spec.bias_key(layer_idx)
+        bias = tensors[bias_key] if bias_key else None
+        routing = replace(self.routing, bias=None if bias is None else bias.float())
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors, None, None)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
@@ -358,26 +369,28 @@ class StreamingMerger:
         compute_experts = experts if experts.gate.dtype == cdt else experts.to(dtype=cdt)
         freq_top_k = 2 if self.s.options.paper_frequency else None
         sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
-        stats = collect(x, compute_experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
-        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
+        stats = collect(x, compute_experts, router, routing, self.act, freq_top_k, sample_rows=sample)
+        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, routing, self.act, stats)
         plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
-        reduced = Routing(min(self.routing.top_k, self.s.keep), self.routing.renormalize)
-        merged_routed = moe_output(x[sample], plan.experts.to(dtype=cdt), plan.router, reduced, self.act)
+        merged_routed = moe_output(x[sample], plan.experts.to(dtype=cdt), plan.router, plan.routing(routing), self.act)
         ref = stats.sampled_output
         error = float((merged_routed - ref).norm() / ref.norm().clamp(min=1e-12))
 
-        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx)}
+        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key}
+        new_bias = None if bias is None else plan.bias.to(bias.dtype)
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
         writer.write(spec.router_key(layer_idx), plan.router.to(router.dtype))
+        if bias_key:
+            writer.write(bias_key, new_bias)
         for e in range(self.s.keep):
             for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
                 writer.write(key, mat[e].to(experts.gate.dtype))
 
         if self.s.sequential:
-            block_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype))
+            block_state = self._layer_state(layer_idx, tensors, plan.experts, plan.router.to(router.dtype), new_bias)
             with torch.device("meta"):
                 block = type(layers[layer_idx].get_submodule(spec.moe_module))(self.reduced_hf_config)
             block_state = {k[len(moe_prefix):]: v for k, v in block_state.items() if k.startswith(moe_prefix)}
