@@ -32,8 +32,9 @@ MERGE_DESCRIPTIONS = {
     "calibration tokens (hc-smoe-hub's extension)",
 }
 ROUTER_DESCRIPTIONS = {
-    "fit": "one row per cluster fitted on the calibration tokens so that the softmax over the new rows matches "
-    "each cluster's summed member probability (the paper's N-row routing, in K rows)",
+    "fit": "one row per cluster fitted on the calibration tokens so that the softmax over the new rows (each row's "
+    "sigmoid, for sigmoid routers) matches each cluster's summed member probability (the paper's N-row routing, in "
+    "K rows)",
     "mean": "frequency-weighted mean of the members' router rows",
     "dominant": "the most-used member's router row",
 }

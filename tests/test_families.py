@@ -90,15 +90,17 @@ def test_keeping_every_expert_reproduces_the_source(name, family_models, merge_a
     assert all(b"".join(a.copy_raw(k)) == b"".join(b.copy_raw(k)) for k in kept)
     out_config = json.loads((out / "config.json").read_text())
     arch = prov["architecture"]
+    card = (out / "README.md").read_text()
     if mtp:
         assert out_config["num_nextn_predict_layers"] == 0
         assert arch["mtp_layers"] == {"count": mtp, "action": "dropped", "config": {"num_nextn_predict_layers": 0}}
+        assert "MTP layer(s) were dropped" in card
     else:
-        assert "mtp_layers" not in arch
+        assert "mtp_layers" not in arch and "Multi-token-prediction" not in card
     assert arch["moe_layers"] == [1, 2]  # the first layer is dense in every family here, and was copied
     if name == "kimi_k2":
         assert out_config["model_type"] == "deepseek_v3" and "auto_map" not in out_config
-        assert arch["written_as"] == "deepseek_v3"
+        assert arch["written_as"] == "deepseek_v3" and "written as `deepseek_v3`" in card
 
 
 def _router_io(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ _SIGMOID_GROUPED = Scoring(scores="sigmoid", renormalize="norm_topk_prob", bias=
                            grouping="top2-sum", scaling_key="routed_scaling_factor")
 _MTP = ExtraLayers(count_keys=("num_nextn_predict_layers", "num_mtp_layers"))
 _SHARED = "shared_experts copied unchanged"
+_OLD_TESTED = "tiny checkpoint (tests/test_engine.py, tests/test_baselines.py): keep N identical, stock load, methods"
 
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -24,19 +25,20 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("mixtral",),
         expert_count_keys=("num_local_experts",),
         hub_example="mistralai/Mixtral-8x7B-v0.1",
-        tested="tiny checkpoint: every method, keep N identical, stock load",
+        tested=_OLD_TESTED,
         moe_disk="block_sparse_moe",
         expert_gate="experts.{e}.w1.weight",
         expert_up="experts.{e}.w3.weight",
         expert_down="experts.{e}.w2.weight",
         scoring=Scoring(renormalize="always"),
+        shared_expert_note="`block_sparse_moe` on disk",
     ),
     ArchSpec(
         family="Qwen2-MoE / Qwen1.5-MoE",
         model_types=("qwen2_moe",),
         expert_count_keys=("num_experts",),
         hub_example="Qwen/Qwen1.5-MoE-A2.7B",
-        tested="tiny checkpoint and the qwen15-moe demo model: every method, stock load, evaluation",
+        tested=_OLD_TESTED + "; the qwen15-moe demo model end to end",
         dense=DenseLayers("sparse-step"),
         shared_expert_note="shared_expert and shared_expert_gate and dense `mlp_only_layers` copied unchanged; "
         "`norm_topk_prob=False` honoured",
@@ -47,7 +49,7 @@ SPECS: tuple[ArchSpec, ...] = (
         # Qwen3MoeConfig declares num_experts but serializes num_local_experts: write both.
         expert_count_keys=("num_experts", "num_local_experts"),
         hub_example="Qwen/Qwen3-30B-A3B",
-        tested="tiny checkpoint: every method, keep N identical, stock load",
+        tested=_OLD_TESTED,
         dense=DenseLayers("sparse-step"),
     ),
     ArchSpec(
@@ -55,7 +57,7 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("olmoe",),
         expert_count_keys=("num_experts",),
         hub_example="allenai/OLMoE-1B-7B-0924",
-        tested="tiny checkpoint: every method, keep N identical, stock load",
+        tested=_OLD_TESTED,
     ),
     ArchSpec(
         family="DeepSeek-V3 / R1",
