@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from hc_smoe_hub.architectures import spec_for, supported_table
 from hc_smoe_hub.checkpoint import SourceCheckpoint
 from hc_smoe_hub.cli import main
+from hc_smoe_hub.merging import router_bias
 from hc_smoe_hub.routing import route
 from hc_smoe_hub.synthetic import build_tiny_moe
 
@@ -281,3 +282,13 @@ def test_fp8_source_is_refused(family_models, merge_args, tmp_path, capsys):
 def test_readme_table_is_the_family_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert supported_table() in readme
+
+
+def test_selection_bias_is_reduced_by_the_router_rule():
+    bias = torch.tensor([0.1, -0.2, 0.4, 0.0])
+    freqs = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    groups = [[0, 1], [2], [3]]
+    assert torch.allclose(router_bias(bias, groups, "mean", freqs), torch.tensor([0.0, 0.4, 0.0]))
+    assert torch.equal(router_bias(bias, groups, "fit", freqs), router_bias(bias, groups, "mean", freqs))
+    assert torch.equal(router_bias(bias, groups, "dominant", freqs), torch.tensor([0.1, 0.4, 0.0]))
+    assert router_bias(None, groups, "mean", freqs) is None

@@ -77,8 +77,8 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("kimi_k2",),
         expert_count_keys=("n_routed_experts",),
         hub_example="moonshotai/Kimi-K2-Instruct",
-        tested="tiny DeepSeek-V3 checkpoint whose config says kimi_k2 (tests/test_families.py); the Hub repos are "
-        "FP8 (refused for now) and their tiktoken tokenizer needs remote code, which the tool does not run",
+        tested="tiny DeepSeek-V3 checkpoint whose config says kimi_k2 (tests/test_families.py): default method, keep "
+        "N identical, stock load; the Hub repos are FP8 (refused for now) and their tokenizer needs remote code",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,
@@ -104,7 +104,8 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("glm4_moe_lite",),
         expert_count_keys=("n_routed_experts",),
         hub_example="zai-org/GLM-4.7-Flash",
-        tested="tiny checkpoint (tests/test_families.py): default method, keep N identical, stock load",
+        tested="tiny checkpoint with an MTP layer (tests/test_families.py): default method, keep N identical, stock "
+        "load, reduced router routes as planned",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("layer-types"),
         extra_layers=_MTP,
@@ -115,8 +116,8 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("deepseek_v2",),
         expert_count_keys=("n_routed_experts",),
         hub_example="deepseek-ai/DeepSeek-V2-Lite",
-        tested="tiny checkpoints, greedy and group_limited_greedy (tests/test_families.py): default method, keep N "
-        "identical, stock load",
+        tested="tiny checkpoints, greedy and group_limited_greedy (tests/test_families.py): default method (and "
+        "--paper, grouped), keep N identical, stock load, reduced router routes as planned",
         # transformers' DeepSeek-V2 router: softmax, never renormalized (norm_topk_prob is ignored), grouped only
         # with topk_method group_limited_greedy (a group scores its best expert), routed_scaling_factor applied.
         scoring=Scoring(scores="softmax", renormalize="never", grouping="max",
