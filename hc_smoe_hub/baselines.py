@@ -62,7 +62,8 @@ def prune_plan(ctx: LayerContext, kept: list[int], extra: dict | None = None) ->
     if len(set(kept)) != ctx.keep:
         raise ValueError(f"expected {ctx.keep} distinct experts, got {kept}")
     router = ctx.router[torch.tensor(kept, device=ctx.router.device)].clone()
-    return LayerPlan([[i] for i in kept], ctx.experts.select(kept), router, extra or {})
+    bias = None if ctx.routing.bias is None else ctx.routing.bias[kept].clone()
+    return LayerPlan([[i] for i in kept], ctx.experts.select(kept), router, extra or {}, bias)
 
 
 def _sample_rows(ctx: LayerContext, limit: int) -> torch.Tensor:
@@ -155,11 +156,14 @@ def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
         info: dict = {"search": "exhaustive", "subsets": scored}
     else:
         starts = [top_ids(ctx.stats.counts, k_keep), top_ids(ctx.stats.prob_mass, k_keep)]
-        res = subset_search.search(prob, starts)
+        # The closed-form search holds for plain softmax routing only; other routers are scored in full.
+        res = (subset_search.search(prob, starts) if ctx.routing.plain_softmax
+               else subset_search.greedy(prob, starts))
         kept = res.kept
         # Reported as the exhaustive path scores it (fp32 softmax, like the pruned model), so figures compare.
         loss = float(subset_search.subset_losses(prob, torch.tensor([kept]))[0])
-        info = {"search": "greedy+swaps", "subsets": res.evaluated, "swaps": res.swaps}
+        info = {"search": "greedy+swaps" if ctx.routing.plain_softmax else "greedy", "subsets": res.evaluated,
+                "swaps": res.swaps}
     rel = math.sqrt(max(loss, 0.0) / prob.ref) if prob.ref > 0 else 0.0
     log.debug("o-prune layer %d: kept %s (%s, rel. error %.4f)", ctx.layer, kept, info["search"], rel)
     extra = {"o_prune": {**info, "exhaustive": exhaustive, "tokens": prob.logits.shape[0], "rel_error": round(rel, 6)}}

@@ -116,6 +116,26 @@ class CardInputs:
     license_link: str | None = None
     license_file_name: str = "LICENSE"  # name of the copied licence file in the output folder
     source_is_local: bool = False  # a local directory: no Hub link, no base_model in the front matter
+    # Layout facts of the family (hc_smoe.json's "architecture"): MTP layers dropped, the model_type written.
+    architecture: dict[str, Any] = field(default_factory=dict)
+
+
+def architecture_notes(arch: Mapping[str, Any]) -> list[str]:
+    """Card lines for what the output's layout changed beyond the experts (empty for most families)."""
+    notes = []
+    mtp = arch.get("mtp_layers")
+    if mtp and mtp.get("action") == "dropped":
+        keys = ", ".join(f"`{k}` = {v}" for k, v in (mtp.get("config") or {}).items())
+        notes.append(f"**Multi-token-prediction layers:** the source's {mtp['count']} MTP layer(s) were dropped, "
+                     f"not reduced ({keys} in config.json); speculative decoding with them is not available")
+    if arch.get("written_as"):
+        notes.append(f"**model_type:** written as `{arch['written_as']}`, the transformers class of this "
+                     "architecture, so that stock transformers loads it without remote code")
+    routing = arch.get("routing") or {}
+    if routing.get("selection_bias"):
+        notes.append("**Router selection bias:** each merged expert's `e_score_correction_bias` is reduced by the "
+                     "rule of its router row (see `hc_smoe_hub/merging.py`, `router_bias`)")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------- licence
@@ -420,6 +440,7 @@ def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
         is_hc_smoe=inputs.method == "hc-smoe",
         pruned=_is_pruned(inputs.clusters),
         method_description=_method_description(inputs),
+        architecture_notes=architecture_notes(inputs.architecture),
         experts_before=inputs.experts_before,
         experts_after=inputs.experts_after,
         top_k_before=inputs.top_k_before,

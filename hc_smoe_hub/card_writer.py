@@ -82,7 +82,7 @@ def write_checkpoint_card(out: Path, provenance: dict[str, Any], *, src_dir: Pat
             results_before=results.get("before"), results_after=results.get("after"), eval_settings=eval_settings,
             command=command or reproduce_from_provenance(provenance), tool_version=__version__,
             hardware=hardware_description(device), timings=dict(timings), repo_id=repo_id or out.name,
-            calibration_dataset=calibration,
+            calibration_dataset=calibration, architecture=provenance.get("architecture") or {},
             **inherit_license(src_dir, staging),
         )
         write_card(inputs, staging)

@@ -106,11 +106,11 @@ def plan_on_jobs(args: argparse.Namespace, argv: list[str], parser: argparse.Arg
     token, namespace = hub_jobs.check_jobs_access(args.token)
 
     from hc_smoe_hub.architectures import spec_for
-    from hc_smoe_hub.merge import parse_keep
+    from hc_smoe_hub.merge import resolve_keep
     from hc_smoe_hub.pipeline import default_repo_name
 
     keep_text = args.keep or ("0.75" if args.demo else None)
-    keep = parse_keep(keep_text, spec_for(config).num_experts(config))
+    keep = resolve_keep(keep_text, spec_for(config), config)
     repo_id = hub.check_push_access(args.repo_id, token=token, default_name=default_repo_name(
         source, args.method, keep_text), overwrite=args.overwrite, private=args.private)
 

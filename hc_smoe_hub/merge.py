@@ -89,6 +89,13 @@ def parse_keep(keep: str | int | float, n_experts: int) -> int:
     raise bad
 
 
+def resolve_keep(keep: str | int | float, spec: ArchSpec, config: dict[str, Any]) -> int:
+    """--keep as a count, checked against the family's constraints (grouped routing) from config.json alone."""
+    value = parse_keep(keep, spec.num_experts(config))
+    spec.check_keep(config, value)
+    return value
+
+
 def is_hub_id(source: str) -> bool:
     """Not an existing local path, and shaped like org/name."""
     return (not Path(source).expanduser().exists() and bool(REPO_ID.match(source))
@@ -155,7 +162,7 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
         revision = request.revision
     config, spec, source = inspect_source(src_dir)
     n = spec.num_experts(config)
-    keep = parse_keep(request.keep, n)
+    keep = resolve_keep(request.keep, spec, config)
     top_k = spec.top_k(config)
     if keep < top_k:
         log.warning("keeping %d experts, fewer than top-k %d: num_experts_per_tok set to %d", keep, top_k, keep)
@@ -254,6 +261,7 @@ def _provenance(request: MergeRequest, revision: str | None, spec: ArchSpec, con
         "source": {"id": request.source, "revision": revision},
         "family": spec.family,
         "model_type": config.get("model_type"),
+        "architecture": spec.describe(config),
         "experts_before": spec.num_experts(config),
         "experts_after": keep,
         "top_k_before": spec.top_k(config),

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from hc_smoe_hub.routing import Activation, Experts, expert_hidden, expert_weights
+from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ MERGE_DESCRIPTIONS = {
     "calibration tokens (hc-smoe-hub's extension)",
 }
 ROUTER_DESCRIPTIONS = {
-    "fit": "one row per cluster fitted on the calibration tokens so that the softmax over the new rows matches "
-    "each cluster's summed member probability (the paper's N-row routing, in K rows)",
+    "fit": "one row per cluster fitted on the calibration tokens so that the softmax over the new rows (each row's "
+    "sigmoid, for sigmoid routers) matches each cluster's summed member probability (the paper's N-row routing, in "
+    "K rows)",
     "mean": "frequency-weighted mean of the members' router rows",
     "dominant": "the most-used member's router row",
 }
@@ -102,9 +103,15 @@ def chunks(n: int, size: int = 4096) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def group_weights(x: torch.Tensor, router: torch.Tensor, g: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(logits: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+    """The router's scores (softmax unless `routing` says sigmoid), fp32."""
+    return torch.softmax(logits.float(), dim=-1) if routing is None else routing.scores(logits)
+
+
+def group_weights(x: torch.Tensor, router: torch.Tensor, g: list[int],
+                  routing: Routing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each member's share of the group's router probability per token (T, |g|), and the group's mass (T, 1)."""
-    probs = torch.softmax(x @ router.float().T, dim=-1)[:, g]
+    probs = _scores(x @ router.float().T, routing)[:, g]
     mass = probs.sum(-1, keepdim=True).clamp(min=1e-12)
     return probs / mass, mass
 
@@ -156,13 +163,15 @@ def router_rows(
     x: torch.Tensor | None = None,
     fit_steps: int = 30,
     max_fit_tokens: int = 4096,
+    routing: Routing | None = None,
 ) -> torch.Tensor:
     """K router rows for K groups.
 
     `dominant`: the most-used member's row. `mean`: frequency-weighted mean of member rows. `fit`: rows fitted on
     the calibration tokens so that softmax over the K new logits matches the summed probability of each group's
     members under the original router (the paper's N-row semantics), by minimizing the cross-entropy, a convex
-    problem, with L-BFGS from the `mean` rows.
+    problem, with L-BFGS from the `mean` rows. With sigmoid scores (`routing.scoring`), each new row's sigmoid is
+    fitted to its group's summed member score, capped at 1, by binary cross-entropy (also convex).
     """
     if strategy == "dominant":
         return router[[most_used(g, freqs) for g in groups]].clone()
@@ -179,17 +188,40 @@ def router_rows(
         return router[[g[0] for g in groups]].clone()
     xs = x[:: max(1, x.shape[0] // max_fit_tokens)].float()
     with torch.no_grad():
-        probs = torch.softmax(xs @ router.float().T, dim=-1)
+        probs = _scores(xs @ router.float().T, routing)
         target = torch.stack([probs[:, g].sum(-1) for g in groups], dim=-1)
+    sigmoid = routing is not None and routing.scoring == "sigmoid"
+    if sigmoid:
+        target = target.clamp(max=1.0)
     w = mean.detach().float().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=fit_steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = -(target * torch.log_softmax(xs @ w.T, dim=-1)).sum(-1).mean()
+        if sigmoid:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w.T, target, reduction="none")
+            loss = loss.sum(-1).mean()
+        else:
+            loss = -(target * torch.log_softmax(xs @ w.T, dim=-1)).sum(-1).mean()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     return w.detach().to(router.dtype)
+
+
+def router_bias(bias: torch.Tensor | None, groups: list[list[int]], strategy: str,
+                freqs: torch.Tensor) -> torch.Tensor | None:
+    """K entries of a per-expert router tensor (the selection bias), reduced by the rule of the router rows.
+
+    `dominant`: the most-used member's entry, as its row is; `mean` and `fit`: the frequency-weighted mean of the
+    members' entries, as the `mean` rows are (`fit` starts from those rows and fits the rows only, the bias being
+    selection-only). A singleton keeps its own entry under every rule, so pruning keeps the bias bit-identical.
+    """
+    if bias is None:
+        return None
+    if strategy == "dominant":
+        return bias[[most_used(g, freqs) for g in groups]].clone()
+    return torch.stack([(_weights(g, freqs).to(bias.device) * bias[g].float()).sum() if len(g) > 1
+                        else bias[g[0]].float() for g in groups]).to(bias.dtype)

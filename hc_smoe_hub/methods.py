@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
-from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_rows, weighted_merge
+from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_bias, router_rows, weighted_merge
 from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
 from hc_smoe_hub.stats import LayerStats
@@ -65,6 +65,12 @@ class LayerPlan:
     experts: Experts
     router: torch.Tensor
     extra: dict = field(default_factory=dict)
+    # (K,) the reduced per-expert selection bias, for families whose router has one (reduced like the rows).
+    bias: torch.Tensor | None = None
+
+    def routing(self, source: Routing) -> Routing:
+        """The routing of the reduced layer this plan writes."""
+        return source.reduced(self.experts.count, self.bias)
 
 
 def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions) -> LayerPlan:
@@ -89,19 +95,22 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     elif base_mode == "dominant":
         experts = dominant_merge(ctx.experts, groups, freqs)
     elif base_mode == "fix-dom" and refit:  # one pass over the members' activations serves both steps
-        experts = fix_dom_refit(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.router, ctx.act)
+        experts = fix_dom_refit(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.router, ctx.act,
+                                routing=ctx.routing)
         refit = False
     elif base_mode == "fix-dom":
         experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.act)
     else:
         raise ValueError(f"unknown merge mode {opts.merge}")
     if refit:
-        experts = refit_down(ctx.experts, experts, groups, group_tokens(), ctx.router, ctx.act)
-    router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x)
+        experts = refit_down(ctx.experts, experts, groups, group_tokens(), ctx.router, ctx.act,
+                             routing=ctx.routing)
+    router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x, routing=ctx.routing)
+    bias = router_bias(ctx.routing.bias, groups, opts.router, freqs)
     if rerouted and any(len(g) > 1 for g in groups):  # K = N keeps the layer bit-identical
         experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
-                                      routed=ctx.stats.routed_output)
-    return LayerPlan(groups, experts, router)
+                                      routed=ctx.stats.routed_output, new_bias=bias)
+    return LayerPlan(groups, experts, router, bias=bias)
 
 
 def hc_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
@@ -155,21 +164,20 @@ def plan_error(ctx: LayerContext, plan: LayerPlan) -> float:
     if rows is None or ref is None:
         raise ValueError("the statistics were collected without a token sample")
     xs = ctx.x[rows]
-    reduced = Routing(min(ctx.routing.top_k, ctx.keep), ctx.routing.renormalize)
-    out = moe_output(xs, plan.experts, plan.router, reduced, ctx.act)
+    out = moe_output(xs, plan.experts, plan.router, plan.routing(ctx.routing), ctx.act)
     return float((out - ref).norm() / ref.norm().clamp(min=1e-12))
 
 
 def takeover_groups(ctx: LayerContext, anchors: list[int]) -> list[list[int]]:
     """Every expert that is not an anchor joins the anchor that takes over its tokens in the pruned model: the
     anchor a maximizing sum over tokens of (original gate weight of i) x (reduced routing weight of a), with the
-    reduced routing computed as the pruned model routes (softmax over the anchors' logits, top-min(k, K))."""
+    reduced routing computed as the pruned model routes (its routing over the anchors' logits and bias entries,
+    top-min(k, K))."""
     anchors = sorted(anchors)
     logits = ctx.stats.router_logits
     w, idx = route(logits, ctx.routing)
     gate_w = torch.zeros_like(logits).scatter_(1, idx, w)
-    reduced = Routing(min(ctx.routing.top_k, len(anchors)), ctx.routing.renormalize)
-    wa, ia = route(logits[:, anchors], reduced)
+    wa, ia = route(logits[:, anchors], ctx.routing.columns(anchors))
     new_w = torch.zeros(logits.shape[0], len(anchors), device=logits.device).scatter_(1, ia, wa)
     groups = {a: [a] for a in anchors}
     for i in (i for i in range(logits.shape[1]) if i not in groups):

@@ -157,7 +157,7 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
         log.info("will push to %s", repo_id)
 
     from hc_smoe_hub.architectures import spec_for
-    from hc_smoe_hub.merge import is_hub_id, parse_keep, resolve_source
+    from hc_smoe_hub.merge import is_hub_id, resolve_keep, resolve_source
 
     notify("download")
     if is_hub_id(mreq.source):
@@ -165,7 +165,7 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
 
         # The family and --keep are checked on config.json alone, before gigabytes of weights come down.
         config = hub.fetch_config(mreq.source, revision=mreq.revision, token=mreq.token)
-        parse_keep(mreq.keep, spec_for(config).num_experts(config))
+        resolve_keep(mreq.keep, spec_for(config), config)
 
     t = time.perf_counter()
     src_dir, revision = resolve_source(mreq.source, mreq.revision, mreq.token)

@@ -78,6 +78,7 @@ def refit_down(
     router: torch.Tensor,
     act: Activation,
     ridge: float = 1e-3,
+    routing: Routing | None = None,
 ) -> Experts:
     """Re-fit each merged expert's down projection by least squares so that it reproduces its whole group.
 
@@ -93,7 +94,7 @@ def refit_down(
             downs.append(base.down[c])
             continue
         xf = x.float()
-        share, mass = group_weights(xf, router, g)
+        share, mass = group_weights(xf, router, g, routing)
         target = _group_target(experts, g, xf, share, act)
         gate, up, _ = expert_weights(base, c, torch.float32)
         downs.append(_solve_group(gate, up, xf, target, mass, act, ridge).to(base.down.dtype))
@@ -102,7 +103,7 @@ def refit_down(
 
 def fix_dom_refit(
     experts: Experts, groups: list[list[int]], features: torch.Tensor, x_per_group: list[torch.Tensor],
-    router: torch.Tensor, act: Activation, ridge: float = 1e-3,
+    router: torch.Tensor, act: Activation, ridge: float = 1e-3, routing: Routing | None = None,
 ) -> Experts:
     """`fix_dom_merge` followed by `refit_down`, group by group, sharing one pass over the members' activations.
 
@@ -114,7 +115,7 @@ def fix_dom_refit(
     for g, x in zip(groups, x_per_group, strict=True):
         xf = x.float()
         fit = len(g) > 1 and x.shape[0] > 0
-        share, mass = group_weights(xf, router, g) if fit else (None, None)
+        share, mass = group_weights(xf, router, g, routing) if fit else (None, None)
         (gate, up, down), target = fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
         gate, up = gate.to(dtype), up.to(dtype)
         if fit:
@@ -156,13 +157,14 @@ def refit_down_rerouted(
     chunk: int = 2048,
     routed: torch.Tensor | None = None,
     cache_bytes: int = 1 << 30,
+    new_bias: torch.Tensor | None = None,
 ) -> Experts:
     """Re-fit the K down projections jointly, for the layer as the reduced model will route it.
 
     `refit_down` fits each merged expert to its own group's output, blind to the new routing. Here the K merged
-    experts (gate/up from `base`) are routed by `new_router` exactly as the reduced model routes: softmax over the K
-    new logits, top-min(k, K), renormalized when `routing` renormalizes, weights w'_tk. The down projections D_k
-    are fitted so that sum_k w'_tk h'_k(x_t) D_k^T approximates the original routed output
+    experts (gate/up from `base`) are routed by `new_router` (and `new_bias`) exactly as the reduced model routes
+    (`routing.reduced`: its scores over the K new logits, top-min(k, K), its renormalization), weights w'_tk. The down
+    projections D_k are fitted so that sum_k w'_tk h'_k(x_t) D_k^T approximates the original routed output
     y_t = sum_i w_ti E_i(x_t) (shared experts cancel) on a strided sample of at most `max_tokens` tokens of `x`.
 
     Block-coordinate least squares: for each k in turn, over the tokens routed to k, the design row is
@@ -194,7 +196,7 @@ def refit_down_rerouted(
                 t = tok[s : s + chunk]
                 resid.index_add_(0, t, expert_hidden(xs[t], g, u, act) @ d.T * w0[t, slot[s : s + chunk], None])
     k_new, inter = base.count, base.gate.shape[1]
-    weights, indices = route(xs @ new_router.float().T, Routing(min(routing.top_k, k_new), routing.renormalize))
+    weights, indices = route(xs @ new_router.float().T, routing.reduced(k_new, new_bias))
     blocks = []
     for k in range(k_new):
         tok, slot = torch.where(indices == k)

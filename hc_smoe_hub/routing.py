@@ -1,13 +1,14 @@
 """Pure tensor functions for one MoE block: routing, one expert's output, the routed block output.
 
-They mirror transformers 5's fused modules (softmax in fp32, top-k, optional renormalization) so that the
-statistics and the candidate scoring see exactly what the loaded model computes.
+They mirror transformers 5's routers (softmax or sigmoid scores in fp32, a selection-only bias, grouped top-k,
+optional renormalization, a scaling factor) so that the statistics and the candidate scoring see exactly what the
+loaded model computes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,17 +37,76 @@ class Experts:
 
 @dataclass(frozen=True)
 class Routing:
+    """How one MoE block turns router logits into (weights, chosen experts), as its transformers module does.
+
+    `scoring` "softmax" or "sigmoid" scores (fp32); `bias` (N,), when set, is added to the scores for the choice
+    only (DeepSeek-V3's `e_score_correction_bias`), the weights stay the unbiased scores; `grouping` "top2-sum" or
+    "max" restricts the choice to the `topk_group` best of `n_group` equal groups of consecutive experts, a group
+    scored by the sum of its two best (biased) scores or by its best one; the chosen weights are renormalized to sum
+    to one when `renormalize` (denominator + `renorm_eps`), then multiplied by `scale` (`routed_scaling_factor`).
+    The defaults are Mixtral / Qwen-MoE / OLMoE routing: softmax, top-k, optional renormalization.
+    """
+
     top_k: int
     renormalize: bool
+    scoring: str = "softmax"
+    bias: torch.Tensor | None = None
+    grouping: str = "none"
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+    renorm_eps: float = 0.0
+
+    @property
+    def plain_softmax(self) -> bool:
+        """Softmax, top-k, optional renormalization and nothing else (the closed forms of subset_search hold)."""
+        return (self.scoring == "softmax" and self.bias is None and self.grouping == "none" and self.scale == 1.0)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The router's scores in fp32: the probabilities a group of experts' share is measured in."""
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+
+    def reduced(self, keep: int, bias: torch.Tensor | None = None) -> Routing:
+        """The routing of a reduced model with `keep` router rows (and their reduced bias): top-min(k, K)."""
+        if (self.bias is None) != (bias is None):
+            raise ValueError("a routing with a selection bias needs the reduced bias, and only then")
+        return replace(self, top_k=min(self.top_k, keep), bias=bias)
+
+    def columns(self, ids: torch.Tensor | list[int]) -> Routing:
+        """The routing over a subset of the original experts (their logits' columns, in the given order), as the
+        model that keeps only them routes: their own bias entries, top-min(k, K). `ids` may be (B, K)."""
+        ids_t = torch.as_tensor(ids)
+        bias = None if self.bias is None else self.bias[ids_t.to(self.bias.device)]
+        return replace(self, top_k=min(self.top_k, ids_t.shape[-1]), bias=bias)
 
 
 def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, indices), each (T, top_k), as the transformers routers compute them."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    k = min(routing.top_k, logits.shape[-1])
-    weights, indices = torch.topk(probs, k, dim=-1)
+    """(weights, indices), each (..., top_k), as the transformers routers compute them (any leading dims)."""
+    scores = routing.scores(logits)
+    choice = scores if routing.bias is None else scores + routing.bias.to(scores.device, torch.float32)
+    n = logits.shape[-1]
+    if routing.grouping != "none" and routing.n_group > 1:
+        groups = choice.unflatten(-1, (routing.n_group, n // routing.n_group))
+        if routing.grouping == "top2-sum":
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_scores = groups.max(dim=-1).values
+        chosen = torch.topk(group_scores, routing.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, chosen, True)
+        mask = mask.unsqueeze(-1).expand_as(groups).flatten(-2)
+        # DeepSeek-V3 / GLM mask the biased scores with -inf, DeepSeek-V2 its scores with 0.
+        choice = choice.masked_fill(~mask, float("-inf") if routing.grouping == "top2-sum" else 0.0)
+    k = min(routing.top_k, n)
+    if routing.bias is None and routing.grouping == "none":
+        weights, indices = torch.topk(scores, k, dim=-1)
+    else:
+        indices = torch.topk(choice, k, dim=-1).indices
+        weights = scores.gather(-1, indices)
     if routing.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + routing.renorm_eps)
+    if routing.scale != 1.0:
+        weights = weights * routing.scale
     return weights, indices
 
 

@@ -215,6 +215,7 @@ def prepare_job(source: str, keep: str, calibration: str, repo_id: str, method: 
         except HcSmoeError:
             raise HcSmoeError(f"Experts to keep must be a whole count from 1 to {experts} or a fraction in (0, 1): "
                               f"{source} has {experts} experts per MoE layer, got '{keep}'") from None
+        spec.check_keep(facts.config, parse_keep(keep, experts))  # grouped routing: only some counts route
         budget = memory_budget()
         need = memory_needed(facts, bool(task_list), samples, block, compute_on_gpu())
         if budget is not None and need > budget[0]:

@@ -18,7 +18,7 @@ from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, exp
 class LayerStats:
     features: torch.Tensor  # (N, H) fp32: mean over all tokens of E_i(x)
     counts: torch.Tensor  # (N,) tokens whose top-k (frequency top-k) includes i
-    prob_mass: torch.Tensor  # (N,) summed router probability over tokens
+    prob_mass: torch.Tensor  # (N,) summed router score (softmax or sigmoid, unbiased) over tokens
     saliency: torch.Tensor  # (N,) REAP: mean over routed tokens of gate weight * ||E_i(x)||
     router_logits: torch.Tensor  # (T, N) fp32
     tokens: int
@@ -59,7 +59,7 @@ def collect(
     weights, indices = route(logits, routing)
     freq_indices = indices if freq_top_k in (None, routing.top_k) else torch.topk(logits, freq_top_k, -1).indices
     counts = torch.bincount(freq_indices.flatten(), minlength=n).float()
-    prob_mass = torch.softmax(logits, -1).sum(0)
+    prob_mass = routing.scores(logits).sum(0)
     # Gate weight of expert i on each token (0 where not routed), for the saliency.
     gate_w = torch.zeros(logits.shape, dtype=torch.float32, device=x.device).scatter_(1, indices, weights)
     hidden_sum = torch.zeros(n, experts.gate.shape[1], dtype=torch.float32, device=x.device)

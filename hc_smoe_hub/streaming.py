@@ -15,20 +15,20 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
-from hc_smoe_hub.routing import Experts, Routing, moe_output
+from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,20 @@ class StreamingMerger:
                  settings: EngineSettings):
         self.src, self.config, self.spec, self.s = source, config, spec, settings
         self.n_experts = spec.num_experts(config)
-        self.hf_config = AutoConfig.from_pretrained(src_dir)
+        self.hf_config = spec.hf_config(src_dir)
         self.hf_config._attn_implementation = "sdpa"
-        self.routing = Routing(spec.top_k(config), spec.renormalizes(config))
+        self.routing = spec.routing(config)  # each MoE layer adds its own selection bias, when the family has one
         hidden_act = config.get("hidden_act", "silu")
         # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
         self.act = torch.nn.functional.silu if hidden_act == "silu" else ACT2FN[hidden_act]
-        self.num_layers = int(config["num_hidden_layers"])
+        self.num_layers = spec.num_layers(config)
         self.moe_layers = [i for i in range(self.num_layers) if spec.router_key(i) in source]
         if not self.moe_layers:
             raise SourceError(f"no router weights ({spec.router_key(0)}) in the checkpoint: is it really "
                               f"a {spec.family} MoE?")
+        if self.moe_layers != spec.moe_layer_ids(config):
+            raise SourceError(f"the checkpoint has routers in layers {self.moe_layers} but its config.json makes "
+                              f"layers {spec.moe_layer_ids(config)} MoE: the weights and config do not match")
         # The skeleton is built up front: it imports the model class, and a model transformers cannot build
         # fails here, before any calibration.
         with torch.device("meta"):
@@ -134,9 +137,11 @@ class StreamingMerger:
         dropped = {k for layer in self.moe_layers for e in range(keep, self.n_experts)
                    for k in self.spec.expert_keys(layer, e)}
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
+        routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
-            if key in dropped:
+            layer = self._layer_of(key)
+            if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
             shape = (keep, *info.shape[1:]) if key in routers else info.shape
@@ -335,6 +340,9 @@ class StreamingMerger:
         per_expert = [spec.expert_keys(layer_idx, e) for e in range(self.n_experts)]
         experts = self._read_experts(per_expert)
         router = tensors[spec.router_key(layer_idx)]
+        bias_key = spec.bias_key(layer_idx)
+        bias = tensors[bias_key] if bias_key else None
+        routing = replace(self.routing, bias=None if bias is None else bias.float())
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
@@ -342,12 +350,12 @@ class StreamingMerger:
         freq_top_k = 2 if self.s.options.paper_frequency else None
         sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
         # The experts stay in the source dtype; every consumer converts one expert at a time to x's dtype.
-        stats = collect(x, experts, router, self.routing, self.act, freq_top_k, sample_rows=sample)
-        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, self.routing, self.act, stats)
+        stats = collect(x, experts, router, routing, self.act, freq_top_k, sample_rows=sample)
+        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, routing, self.act, stats)
         plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
         del ctx, experts  # the source experts are not needed any more: free them before the layer is finished
-        reduced = Routing(min(self.routing.top_k, self.s.keep), self.routing.renormalize)
+        reduced = plan.routing(routing)
         merged_router = plan.router.to(router.dtype)
         # Sequential calibration carries the merged block's routed output on every token; one-shot only needs it on
         # the sample, for the error.
@@ -357,11 +365,14 @@ class StreamingMerger:
         got = merged_routed[sample] if self.s.sequential else merged_routed
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
-        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx)}
+        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key}
+        new_bias = None if bias is None else plan.bias.to(bias.dtype)
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
         writer.write(spec.router_key(layer_idx), merged_router)
+        if bias_key:
+            writer.write(bias_key, new_bias)
         for e in range(self.s.keep):
             for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
                 writer.write(key, mat[e])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -71,7 +71,8 @@ def problem_from_gram(gram: torch.Tensor, logits: torch.Tensor, routing: Routing
     g0 = torch.zeros(s, n, dtype=torch.float64, device=gram.device).scatter_(1, i0, w0.double())
     cross = torch.einsum("sij,sj->si", gram, g0)
     ref = float((g0 * cross).sum())
-    return SubsetProblem(gram, cross, ref, logits, Routing(min(routing.top_k, keep), routing.renormalize), keep)
+    # The original routing with top-k clamped; its bias (if any) stays whole and is indexed per subset.
+    return SubsetProblem(gram, cross, ref, logits, replace(routing, top_k=min(routing.top_k, keep)), keep)
 
 
 def subset_losses(prob: SubsetProblem, subsets: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def subset_losses(prob: SubsetProblem, subsets: torch.Tensor) -> torch.Tensor:
     for b0 in range(0, len(subsets), batch):
         sub = subsets[b0 : b0 + batch].to(prob.gram.device)  # (B, K)
         nb = sub.shape[0]
-        w, loc = route(prob.logits[:, sub], prob.routing)  # (S, B, kr)
+        w, loc = route(prob.logits[:, sub], prob.routing.columns(sub))  # (S, B, kr)
         w = w.double()
         ids = torch.gather(sub.expand(s, nb, k_keep), 2, loc)  # original expert ids
         lin = (w * torch.gather(prob.cross[:, None, :].expand(s, nb, n), 2, ids)).sum((0, 2))
@@ -292,3 +293,24 @@ def search(prob: SubsetProblem, starts: list[list[int]] | tuple = (), beam: int 
     assert best is not None
     best.evaluated = srch.evaluated
     return best
+
+
+def greedy(prob: SubsetProblem, starts: list[list[int]] | tuple = ()) -> SearchResult:
+    """Greedy elimination scored by `subset_losses` (any routing: sigmoid scores, a selection bias, grouped top-k,
+    a scaling factor), the best of it and the given starts. The closed forms of `search` assume plain softmax
+    routing; this exact but slower path (every removal of every step is routed in full) serves the others."""
+    n, k = prob.experts, prob.keep
+    kept = list(range(n))
+    evaluated = 0
+    while len(kept) > k:
+        cands = torch.tensor([kept[:i] + kept[i + 1 :] for i in range(len(kept))])
+        losses = subset_losses(prob, cands)
+        evaluated += len(cands)
+        kept = cands[int(torch.argmin(losses))].tolist()
+    best, best_loss = kept, float(subset_losses(prob, torch.tensor([kept]))[0])
+    for start in starts:
+        loss = float(subset_losses(prob, torch.tensor([sorted(start)]))[0])
+        evaluated += 1
+        if loss < best_loss:
+            best, best_loss = sorted(start), loss
+    return SearchResult(best, best_loss, evaluated, 0)

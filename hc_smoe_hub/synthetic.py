@@ -35,6 +35,35 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmoe": {"model_type": "olmoe", "num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32},
 }
 
+# Multi-head latent attention (DeepSeek, GLM-4-MoE-Lite): keys and values have every query head.
+_MLA = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8, "v_head_dim": 8}
+# The families with sigmoid / grouped routers, shared experts, dense first layers and MTP layers. Kept apart from
+# FAMILY_CONFIGS, which every engine test runs over; tests/test_families.py runs these. `written_as` is the
+# model_type written into config.json when it differs from the transformers class that builds the model.
+MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {"model_type": "deepseek_v3", "n_routed_experts": 16, "n_group": 4, "topk_group": 2,
+                    "num_experts_per_tok": 4, "n_shared_experts": 1, "moe_intermediate_size": 16,
+                    "intermediate_size": 48, "first_k_dense_replace": 1, "routed_scaling_factor": 2.5,
+                    "norm_topk_prob": True, "num_nextn_predict_layers": 1, **_MLA},
+    "kimi_k2": {"model_type": "deepseek_v3", "written_as": "kimi_k2", "n_routed_experts": 12, "n_group": 1,
+                "topk_group": 1, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 16,
+                "intermediate_size": 48, "first_k_dense_replace": 1, "routed_scaling_factor": 2.827,
+                "norm_topk_prob": True, "num_nextn_predict_layers": 0, **_MLA},
+    "glm4_moe": {"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 1, "topk_group": 1,
+                 "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 16,
+                 "intermediate_size": 48, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0,
+                 "norm_topk_prob": True, "num_nextn_predict_layers": 1, "head_dim": 8, "use_qk_norm": True},
+    "glm4_moe_lite": {"model_type": "glm4_moe_lite", "n_routed_experts": 8, "n_group": 1, "topk_group": 1,
+                      "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 16,
+                      "intermediate_size": 48, "routed_scaling_factor": 1.8, "norm_topk_prob": True,
+                      "num_nextn_predict_layers": 1, **_MLA},
+    "deepseek_v2": {"model_type": "deepseek_v2", "n_routed_experts": 8, "num_experts_per_tok": 2,
+                    "n_shared_experts": 2, "moe_intermediate_size": 16, "intermediate_size": 48,
+                    "first_k_dense_replace": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0,
+                    "norm_topk_prob": False, **_MLA},
+}
+
 
 def build_tokenizer(directory: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
@@ -49,12 +78,12 @@ def build_tokenizer(directory: Path, vocab_size: int = 320) -> PreTrainedTokeniz
 
 
 def tiny_config(family: str, num_layers: int = 3, hidden: int = 32, **overrides: Any):
-    fields = dict(FAMILY_CONFIGS[family])
+    fields = dict(FAMILY_CONFIGS.get(family) or MODERN_FAMILY_CONFIGS[family])
     model_type = fields.pop("model_type")
-    fields.update(vocab_size=320, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-                  pad_token_id=1, tie_word_embeddings=False)
-    fields.update(overrides)
+    fields.pop("written_as", None)
+    fields = {**dict(vocab_size=320, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+                     pad_token_id=1, tie_word_embeddings=False), **fields, **overrides}
     return AutoConfig.for_model(model_type, **fields)
 
 
@@ -71,9 +100,67 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name:
                 p.normal_(0.0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros by default: a bias that changes the choice
+                b.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(directory, max_shard_size=max_shard_size)
+    mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+    if mtp:
+        _add_mtp_layers(directory, family, num_layers, mtp, hidden, seed, dtype, overrides)
+    written_as = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("written_as")
+    if written_as:  # e.g. Kimi K2: a DeepSeek-V3 whose config names its own model_type and remote code
+        cfg_path = directory / "config.json"
+        data = json.loads(cfg_path.read_text())
+        data["model_type"] = written_as
+        data["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+        cfg_path.write_text(json.dumps(data, indent=2))
     build_tokenizer(directory)
     return directory
+
+
+def _add_mtp_layers(directory: Path, family: str, num_layers: int, count: int, hidden: int, seed: int,
+                    dtype: torch.dtype, overrides: dict[str, Any]) -> None:
+    """Append multi-token-prediction layers as the Hub checkpoints store them: `model.layers.{L + i}.*`, a full
+    decoder layer plus `enorm`, `hnorm`, `eh_proj`, `embed_tokens` and `shared_head`, in one more shard."""
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed + 1)
+    bigger = AutoModelForCausalLM.from_config(tiny_config(family, num_layers + count, hidden, **overrides))
+    extra: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        bigger.to(dtype).save_pretrained(tmp)
+        for f in Path(tmp).glob("*.safetensors"):
+            with safe_open(f, "pt") as h:
+                names = h.keys()
+                for key in names:
+                    layer = key.split(".")[2] if key.startswith("model.layers.") else None
+                    if layer is not None and int(layer) >= num_layers:
+                        extra[key] = h.get_tensor(key)
+    vocab = bigger.config.vocab_size
+    for i in range(num_layers, num_layers + count):
+        p = f"model.layers.{i}."
+        extra |= {p + "enorm.weight": torch.ones(hidden), p + "hnorm.weight": torch.ones(hidden),
+                  p + "eh_proj.weight": torch.randn(hidden, 2 * hidden) * 0.1,
+                  p + "embed_tokens.weight": torch.randn(vocab, hidden) * 0.1,
+                  p + "shared_head.norm.weight": torch.ones(hidden),
+                  p + "shared_head.head.weight": torch.randn(vocab, hidden) * 0.1}
+    extra = {k: v.to(dtype).contiguous() for k, v in extra.items()}
+    name = "model-mtp.safetensors"
+    save_file(extra, str(directory / name), metadata={"format": "pt"})
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:  # a single-file checkpoint gets an index naming both files
+        single = directory / "model.safetensors"
+        with safe_open(single, "pt") as h:
+            names = h.keys()
+        index = {"metadata": {}, "weight_map": {k: single.name for k in names}}
+    index["weight_map"].update({k: name for k in extra})
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def calibration_text(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:

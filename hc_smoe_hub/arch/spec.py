@@ -1,0 +1,159 @@
+"""`ArchSpec`: one MoE family's row, as data (key templates, config keys) plus the named strategies it uses.
+
+Disk templates are relative to the decoder layer prefix (`layers_prefix` + layer index + "."); `{e}` is the expert
+index. Everything the engine does differently per family is read from these fields, never from the family's name.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
+from hc_smoe_hub.errors import HcSmoeError, UnsupportedModelError
+from hc_smoe_hub.routing import Routing
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one MoE family stores its experts and router, and which strategies route and lay it out.
+
+    `moe_disk` is the MoE block's name on disk and `moe_module` its attribute on the decoder layer in transformers 5
+    (they differ for Mixtral: `block_sparse_moe` on disk, `mlp` in memory). `text_config`, when set, is the key of
+    the nested config that holds the language model's fields. `load_as` is the transformers `model_type` the
+    family is built and written as, when its own is not one transformers knows (Kimi K2's `kimi_k2` is DeepSeek-V3).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    expert_count_keys: tuple[str, ...]  # every key is written; the first present one is read
+    hub_example: str = ""  # a real Hub model id of the family, for the README table
+    tested: str = ""  # what the tests cover, for the README table
+    moe_disk: str = "mlp"
+    moe_module: str = "mlp"
+    moe_norm_module: str = "post_attention_layernorm"  # the norm whose output feeds the MoE block
+    experts_module: str = "experts"  # the routed experts inside the MoE block, called (hidden, top_k_index, weights)
+    router: str = "gate.weight"
+    expert_gate: str = "experts.{e}.gate_proj.weight"
+    expert_up: str = "experts.{e}.up_proj.weight"
+    expert_down: str = "experts.{e}.down_proj.weight"
+    top_k_key: str = "num_experts_per_tok"
+    scoring: Scoring = field(default_factory=Scoring)
+    dense: DenseLayers = field(default_factory=DenseLayers)
+    extra_layers: ExtraLayers = field(default_factory=ExtraLayers)
+    text_config: str | None = None
+    load_as: str | None = None
+    layers_prefix: str = "model.layers."
+    rotary_module: str = "model.rotary_emb"
+    embed_module: str = "model.embed_tokens"
+    layers_module: str = "model.layers"
+    shared_expert_note: str = ""
+
+    # ---------- config ----------
+    def cfg(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The language model's fields: the nested `text_config` when the family has one."""
+        return config.get(self.text_config, config) if self.text_config else config
+
+    def num_experts(self, config: dict[str, Any]) -> int:
+        c = self.cfg(config)
+        for key in self.expert_count_keys:
+            if c.get(key):
+                return int(c[key])
+        raise UnsupportedModelError(f"config.json has none of {self.expert_count_keys}: not a {self.family} MoE")
+
+    def top_k(self, config: dict[str, Any]) -> int:
+        return int(self.cfg(config)[self.top_k_key])
+
+    def renormalizes(self, config: dict[str, Any]) -> bool:
+        return self.routing(config).renormalize
+
+    def routing(self, config: dict[str, Any], bias: torch.Tensor | None = None) -> Routing:
+        """The source model's routing (with one layer's selection bias, when the family has one)."""
+        return self.scoring.routing(self.cfg(config), self.top_k(config), bias)
+
+    def moe_layer_ids(self, config: dict[str, Any]) -> list[int]:
+        c = self.cfg(config)
+        return self.dense.moe_layers(c, int(c["num_hidden_layers"]))
+
+    def num_layers(self, config: dict[str, Any]) -> int:
+        return int(self.cfg(config)["num_hidden_layers"])
+
+    def check_keep(self, config: dict[str, Any], keep: int) -> None:
+        """Refuse a K the reduced model cannot route (grouped top-k), from config.json alone."""
+        c = self.cfg(config)
+        valid = self.scoring.valid_keeps(c, self.num_experts(config), self.top_k(config))
+        if valid is None or keep in valid:
+            return
+        shown = ", ".join(map(str, valid)) if valid else "none"
+        raise HcSmoeError(
+            f"--keep {keep} does not fit {self.family}'s grouped routing (n_group {c['n_group']}, topk_group "
+            f"{c.get('topk_group')}, top-k {self.top_k(config)}): the reduced model keeps {c['n_group']} groups of "
+            f"K/{c['n_group']} experts each, so K must be a multiple of {c['n_group']} whose groups can hold the "
+            f"top-k choice; valid --keep values: {shown}")
+
+    def reduced_fields(self, config: dict[str, Any], keep: int) -> dict[str, Any]:
+        """The language-model config fields that change: expert counts, top-k, extra (MTP) layer counts."""
+        out: dict[str, Any] = {key: keep for key in self.expert_count_keys}
+        out[self.top_k_key] = min(self.top_k(config), keep)
+        out.update(self.extra_layers.reduced(self.cfg(config)))
+        return out
+
+    def reduced_config(self, config: dict[str, Any], keep: int) -> dict[str, Any]:
+        """The source config with the expert count set to `keep`, top-k clamped and dropped extra layers zeroed;
+        a family loaded as another model_type is written as that one, so stock transformers loads it."""
+        out = copy.deepcopy(config)
+        self.cfg(out).update(self.reduced_fields(config, keep))
+        if self.load_as:
+            out["model_type"] = self.load_as
+            out.pop("auto_map", None)  # the remote code is not needed: the stock class loads it
+        return out
+
+    def hf_config(self, src_dir: str | Path):
+        """The transformers config of the source, built as `load_as` when the family's model_type is unknown."""
+        from transformers import AutoConfig
+
+        if not self.load_as:
+            return AutoConfig.from_pretrained(src_dir)
+        import json
+
+        data = json.loads((Path(src_dir) / "config.json").read_text())
+        data.pop("auto_map", None)
+        data["model_type"] = self.load_as
+        return AutoConfig.for_model(self.load_as, **{k: v for k, v in data.items() if k != "model_type"})
+
+    def describe(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What hc_smoe.json records about the family's layout: routing, dense layers, extra layers."""
+        r = self.routing(config)
+        extra = self.extra_layers.count(self.cfg(config))
+        out: dict[str, Any] = {
+            "routing": {"scores": r.scoring, "renormalize": r.renormalize, "selection_bias": self.scoring.bias,
+                        "grouping": r.grouping, "n_group": r.n_group, "topk_group": r.topk_group,
+                        "routed_scaling_factor": r.scale},
+            "moe_layers": self.moe_layer_ids(config),
+        }
+        if extra:
+            out["mtp_layers"] = {"count": extra, "action": "dropped",
+                                 "config": self.extra_layers.reduced(self.cfg(config))}
+        if self.load_as:
+            out["written_as"] = self.load_as
+        return out
+
+    # ---------- keys ----------
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.layers_prefix}{layer}."
+
+    def router_key(self, layer: int) -> str:
+        return f"{self.layer_prefix(layer)}{self.moe_disk}.{self.router}"
+
+    def bias_key(self, layer: int) -> str | None:
+        """On-disk key of the per-expert selection bias of one layer, when the family has one."""
+        return f"{self.layer_prefix(layer)}{self.moe_disk}.{self.scoring.bias}" if self.scoring.bias else None
+
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """On-disk keys of (gate, up, down) of one expert."""
+        base = f"{self.layer_prefix(layer)}{self.moe_disk}."
+        return tuple(base + t.format(e=expert) for t in (self.expert_gate, self.expert_up, self.expert_down))

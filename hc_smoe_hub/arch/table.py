@@ -1,0 +1,171 @@
+"""The family table: one `ArchSpec` row per supported MoE family, and the refusal for every other model.
+
+The README's supported-models table (`supported_table()`), the refusal message (`supported_families()`) and the
+Space's introduction all read these rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hc_smoe_hub.arch.spec import ArchSpec
+from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
+from hc_smoe_hub.errors import UnsupportedModelError
+
+# DeepSeek-V3's router: sigmoid scores, a selection-only bias, grouped top-k, renormalized, scaled.
+_SIGMOID_GROUPED = Scoring(scores="sigmoid", renormalize="norm_topk_prob", bias="gate.e_score_correction_bias",
+                           grouping="top2-sum", scaling_key="routed_scaling_factor")
+_MTP = ExtraLayers(count_keys=("num_nextn_predict_layers", "num_mtp_layers"))
+_SHARED = "shared_experts copied unchanged"
+_OLD_TESTED = "tiny checkpoint (tests/test_engine.py, tests/test_baselines.py): keep N identical, stock load, methods"
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="Mixtral",
+        model_types=("mixtral",),
+        expert_count_keys=("num_local_experts",),
+        hub_example="mistralai/Mixtral-8x7B-v0.1",
+        tested=_OLD_TESTED,
+        moe_disk="block_sparse_moe",
+        expert_gate="experts.{e}.w1.weight",
+        expert_up="experts.{e}.w3.weight",
+        expert_down="experts.{e}.w2.weight",
+        scoring=Scoring(renormalize="always"),
+        shared_expert_note="`block_sparse_moe` on disk",
+    ),
+    ArchSpec(
+        family="Qwen2-MoE / Qwen1.5-MoE",
+        model_types=("qwen2_moe",),
+        expert_count_keys=("num_experts",),
+        hub_example="Qwen/Qwen1.5-MoE-A2.7B",
+        tested=_OLD_TESTED + "; the qwen15-moe demo model end to end",
+        dense=DenseLayers("sparse-step"),
+        shared_expert_note="shared_expert and shared_expert_gate and dense `mlp_only_layers` copied unchanged; "
+        "`norm_topk_prob=False` honoured",
+    ),
+    ArchSpec(
+        family="Qwen3-MoE",
+        model_types=("qwen3_moe",),
+        # Qwen3MoeConfig declares num_experts but serializes num_local_experts: write both.
+        expert_count_keys=("num_experts", "num_local_experts"),
+        hub_example="Qwen/Qwen3-30B-A3B",
+        tested=_OLD_TESTED,
+        dense=DenseLayers("sparse-step"),
+    ),
+    ArchSpec(
+        family="OLMoE",
+        model_types=("olmoe",),
+        expert_count_keys=("num_experts",),
+        hub_example="allenai/OLMoE-1B-7B-0924",
+        tested=_OLD_TESTED,
+    ),
+    ArchSpec(
+        family="DeepSeek-V3 / R1",
+        model_types=("deepseek_v3",),
+        expert_count_keys=("n_routed_experts",),
+        hub_example="deepseek-ai/DeepSeek-V3",
+        tested="tiny checkpoint with an MTP layer (tests/test_families.py): default and --paper, keep N identical, "
+        "stock load, reduced router routes as planned; the Hub repos are FP8 and refused for now",
+        scoring=_SIGMOID_GROUPED,
+        dense=DenseLayers("first-k"),
+        extra_layers=_MTP,
+        shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied; MTP layers dropped "
+        "(`num_nextn_predict_layers` set to 0)",
+    ),
+    ArchSpec(
+        family="Kimi K2",
+        model_types=("kimi_k2",),
+        expert_count_keys=("n_routed_experts",),
+        hub_example="moonshotai/Kimi-K2-Instruct",
+        tested="tiny DeepSeek-V3 checkpoint whose config says kimi_k2 (tests/test_families.py): default method, keep "
+        "N identical, stock load; the Hub repos are FP8 (refused for now) and their tokenizer needs remote code",
+        scoring=_SIGMOID_GROUPED,
+        dense=DenseLayers("first-k"),
+        extra_layers=_MTP,
+        # transformers 5.24 has no kimi_k2 class; the architecture is DeepSeek-V3's, so it is built and written as
+        # deepseek_v3 (auto_map dropped), which stock transformers loads.
+        load_as="deepseek_v3",
+        shared_expert_note=f"{_SHARED}; built and written as `deepseek_v3` (transformers has no `kimi_k2` class)",
+    ),
+    ArchSpec(
+        family="GLM-4.5 / 4.6 / 4.7",
+        model_types=("glm4_moe",),
+        expert_count_keys=("n_routed_experts",),
+        hub_example="zai-org/GLM-4.5-Air",
+        tested="tiny checkpoint with an MTP layer (tests/test_families.py): default and --paper, keep N identical, "
+        "stock load, reduced router routes as planned",
+        scoring=_SIGMOID_GROUPED,
+        dense=DenseLayers("first-k"),
+        extra_layers=_MTP,
+        shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied; MTP layers dropped",
+    ),
+    ArchSpec(
+        family="GLM-4.7-Flash (GLM-4-MoE-Lite)",
+        model_types=("glm4_moe_lite",),
+        expert_count_keys=("n_routed_experts",),
+        hub_example="zai-org/GLM-4.7-Flash",
+        tested="tiny checkpoint with an MTP layer (tests/test_families.py): default method, keep N identical, stock "
+        "load, reduced router routes as planned",
+        scoring=_SIGMOID_GROUPED,
+        dense=DenseLayers("layer-types"),
+        extra_layers=_MTP,
+        shared_expert_note=f"{_SHARED}; dense `mlp_layer_types` layers copied; MTP layers dropped",
+    ),
+    ArchSpec(
+        family="DeepSeek-V2 / V2-Lite",
+        model_types=("deepseek_v2",),
+        expert_count_keys=("n_routed_experts",),
+        hub_example="deepseek-ai/DeepSeek-V2-Lite",
+        tested="tiny checkpoints, greedy and group_limited_greedy (tests/test_families.py): default method (and "
+        "--paper, grouped), keep N identical, stock load, reduced router routes as planned",
+        # transformers' DeepSeek-V2 router: softmax, never renormalized (norm_topk_prob is ignored), grouped only
+        # with topk_method group_limited_greedy (a group scores its best expert), routed_scaling_factor applied.
+        scoring=Scoring(scores="softmax", renormalize="never", grouping="max",
+                        group_when=("topk_method", "group_limited_greedy"), scaling_key="routed_scaling_factor"),
+        dense=DenseLayers("first-k"),
+        shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied",
+    ),
+)
+
+
+def supported_families() -> str:
+    return ", ".join(f"{s.family} ({'/'.join(s.model_types)})" for s in SPECS)
+
+
+def supported_table() -> str:
+    """The README's supported-models table, rendered from the rows (tests check the README holds it)."""
+    lines = ["| family | `model_type` | example on the Hub | expert count key(s) | notes | tested |",
+             "|---|---|---|---|---|---|"]
+    for s in SPECS:
+        types = ", ".join(f"`{t}`" for t in s.model_types)
+        keys = ", ".join(f"`{k}`" for k in s.expert_count_keys)
+        lines.append(f"| {s.family} | {types} | `{s.hub_example}` | {keys} | {s.shared_expert_note} | {s.tested} |")
+    return "\n".join(lines)
+
+
+def _check_format(config: dict[str, Any]) -> None:
+    """Quantized sources the engine cannot read yet are refused from config.json alone."""
+    for c in (config, config.get("text_config") or {}):
+        qcfg = c.get("quantization_config") or {}
+        if qcfg.get("quant_method") == "fp8":
+            raise UnsupportedModelError(
+                f"this {config.get('model_type')} checkpoint is FP8 (quantization_config quant_method fp8, "
+                "weight_scale_inv block scales): FP8 sources are not supported yet; use a BF16 copy of the model")
+
+
+def spec_for(config: dict[str, Any]) -> ArchSpec:
+    """The spec of a config.json, or a one-line refusal naming the supported families."""
+    model_type = config.get("model_type", "<missing>")
+    for spec in SPECS:
+        if model_type in spec.model_types:
+            _check_format(config)
+            if not any(spec.cfg(config).get(k) for k in spec.expert_count_keys):
+                raise UnsupportedModelError(
+                    f"this {model_type} config has no routed experts (dense model): nothing to merge; "
+                    f"supported MoE families: {supported_families()}"
+                )
+            return spec
+    raise UnsupportedModelError(
+        f"model_type '{model_type}' is not a supported Mixture-of-Experts family "
+        f"(dense or not yet supported); supported: {supported_families()}"
+    )
