@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_refusals import refuse
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hc_smoe_hub.architectures import spec_for, supported_table
@@ -247,18 +248,6 @@ def test_route_matches_the_transformers_router(case):
     if "grouped" in case or case == "deepseek_v3":  # the grouping changes the choice on some tokens
         plain = spec.routing({**config.to_dict(), "n_group": 1}, bias)
         assert not torch.equal(_sorted_choice(*reversed(route(x @ router.weight.T, plain)))[0], got_i)
-
-
-def refuse(capsys, argv: list[str], out: Path, *expected: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("hc-smoe-push:")]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in expected:
-        assert word in lines[0], lines[0]
-    assert not out.exists()
-    return lines[0]
 
 
 @pytest.mark.parametrize("keep", ["4", "6", "10", "0.3"])
