@@ -10,7 +10,8 @@ import logging
 
 import torch
 
-from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, expert_weights
+from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, project_fp32
+from hc_smoe_hub.routing import Activation, Experts, Routing, expert_weights
 
 log = logging.getLogger(__name__)
 
@@ -122,27 +123,29 @@ def fix_dom_group(
     """Fix-dom merge of one group on its tokens x (fp32). With `share` (T, |g|), the same pass also returns the
     group's target for the least-squares refit, sum_j share_j E_j(x) (T, H): every member's activations are then
     computed once for both, and only one member's (T, I) activations are held at a time besides the dominant's.
+    The activations' products run in `fastpath.activation_dtype` (bf16 for a bf16 source on fast hardware).
     """
+    dt = activation_dtype(experts.gate.dtype, x.device)
     gate, up, down = (m[dom].to(torch.float32, copy=True) for m in (experts.gate, experts.up, experts.down))
     hits = torch.ones(gate.shape[0], device=gate.device)
     target = None
-    a_dom = expert_hidden(x, gate, up, act)
+    a_dom = hidden_fp32(x, experts.gate[dom], experts.up[dom], act, dt)
     if share is not None:
-        target = (a_dom @ down.T) * share[:, g.index(dom), None]
+        target = project_fp32(a_dom, experts.down[dom], dt) * share[:, g.index(dom), None]
     # Standardized dominant activations: the correlation with member j's neuron b is then a_dom^T h_j[:, b] up to
     # a positive factor of b alone (centring h_j changes nothing, a_dom's columns sum to zero), so the argmax
     # over dominant neurons needs neither member statistics nor a second pass.
-    a_dom = _standardize(a_dom)
+    a_dom = _standardize(a_dom).to(dt)
     for j in (j for j in g if j != dom):
         corr = torch.zeros(gate.shape[0], experts.gate.shape[1], device=x.device)
-        g_j, u_j, d_j = expert_weights(experts, j, torch.float32)  # one member in fp32 at a time
         for c in chunks(x.shape[0]):
-            h = expert_hidden(x[c], g_j, u_j, act)
-            corr += a_dom[c].T @ h
+            h = hidden_fp32(x[c], experts.gate[j], experts.up[j], act, dt)
+            corr += (a_dom[c].T @ h.to(dt)).float()  # only its argmax is used
             if target is not None:
-                target[c] += (h @ d_j.T) * share[c, g.index(j), None]
+                target[c] += project_fp32(h, experts.down[j], dt) * share[c, g.index(j), None]
         mapped = corr.argmax(dim=0)  # dominant neuron for each neuron of j
         del corr
+        g_j, u_j, d_j = expert_weights(experts, j, torch.float32)  # one member in fp32 at a time
         gate.index_add_(0, mapped, g_j)
         up.index_add_(0, mapped, u_j)
         down.index_add_(1, mapped, d_j)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
+from hc_smoe_hub.fastpath import fit_tokens
 from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_bias, router_rows, weighted_merge
 from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
@@ -50,13 +51,14 @@ class LayerContext:
     _top_k_indices: torch.Tensor | None = field(default=None, repr=False)
 
     def routed_tokens(self, group: list[int], limit: int = 16384) -> torch.Tensor:
-        """Calibration tokens whose top-k includes a member of the group (all tokens if none are)."""
+        """Calibration tokens whose top-k includes a member of the group (all tokens if none are), a strided
+        sample of at most `limit` of them."""
         if self._top_k_indices is None:  # one routing pass serves every group
             self._top_k_indices = route(self.stats.router_logits, self.routing)[1]
         idx = self._top_k_indices
         mask = torch.isin(idx, torch.tensor(group, device=idx.device)).any(-1)
         xs = self.x[mask] if bool(mask.any()) else self.x
-        return xs[:: max(1, xs.shape[0] // limit)]
+        return xs[:: max(1, -(-xs.shape[0] // limit))]
 
 
 @dataclass
@@ -77,10 +79,11 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     """Merge each group into one expert and patch the router, as `opts.merge` and `opts.router` say."""
     freqs = ctx.stats.frequencies
     token_sets: list[torch.Tensor] = []
+    fit_cap = fit_tokens(ctx.experts.gate.shape[1])  # tokens per fitted expert (fastpath.py says why)
 
     def group_tokens() -> list[torch.Tensor]:  # gathered once, shared by the alignment and the refit
         if not token_sets:
-            token_sets.extend(ctx.routed_tokens(g) for g in groups)
+            token_sets.extend(ctx.routed_tokens(g, fit_cap) for g in groups)
         return token_sets
 
     base_mode, refit, rerouted = opts.merge, False, False
@@ -108,8 +111,10 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x, routing=ctx.routing)
     bias = router_bias(ctx.routing.bias, groups, opts.router, freqs)
     if rerouted and any(len(g) > 1 for g in groups):  # K = N keeps the layer bit-identical
+        # Rows sampled so that each of the K merged experts sees about fit_cap of them (k of K per row).
+        rows = fit_cap * len(groups) // min(ctx.routing.top_k, len(groups))
         experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
-                                      routed=ctx.stats.routed_output, new_bias=bias)
+                                      routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows)
     return LayerPlan(groups, experts, router, bias=bias)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, project_fp32
 from hc_smoe_hub.merging import chunks, closest_to_centroid, fix_dom_group, group_weights
-from hc_smoe_hub.routing import Activation, Experts, Routing, expert_hidden, expert_weights, route
+from hc_smoe_hub.routing import Activation, Experts, Routing, route
 
 
 def _cholesky_shifted(gram: torch.Tensor, lam: float) -> torch.Tensor:
@@ -43,10 +44,11 @@ def ridge_rows(a: torch.Tensor, target: torch.Tensor, ridge: float, prior: torch
 
 def _design(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation, weight: torch.Tensor | None,
             chunk: int = 4096) -> torch.Tensor:
-    """weight_t * h(x_t) for every token: (T, I) fp32."""
+    """weight_t * h(x_t) for every token: (T, I) fp32 (products in the fast-path dtype of gate's dtype)."""
+    dt = activation_dtype(gate.dtype, x.device)
     out = torch.empty(x.shape[0], gate.shape[0], device=x.device)
     for c in chunks(x.shape[0], chunk):
-        out[c] = expert_hidden(x[c], gate, up, act)
+        out[c] = hidden_fp32(x[c], gate, up, act, dt)
     return out if weight is None else out.mul_(weight.reshape(-1, 1))
 
 
@@ -62,11 +64,12 @@ def _solve_group(gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, target: 
 def _group_target(experts: Experts, g: list[int], x: torch.Tensor, share: torch.Tensor,
                   act: Activation) -> torch.Tensor:
     """sum_j share_j E_j(x) over the group's members: what the group computed in the original model (T, H)."""
+    dt = activation_dtype(experts.gate.dtype, x.device)
     target = torch.zeros(x.shape[0], experts.down.shape[1], device=x.device)
     for j, i in enumerate(g):
-        gate, up, down = expert_weights(experts, i, torch.float32)
         for c in chunks(x.shape[0]):
-            target[c] += share[c, j, None] * (expert_hidden(x[c], gate, up, act) @ down.T)
+            h = hidden_fp32(x[c], experts.gate[i], experts.up[i], act, dt)
+            target[c] += share[c, j, None] * project_fp32(h, experts.down[i], dt)
     return target
 
 
@@ -96,8 +99,7 @@ def refit_down(
         xf = x.float()
         share, mass = group_weights(xf, router, g, routing)
         target = _group_target(experts, g, xf, share, act)
-        gate, up, _ = expert_weights(base, c, torch.float32)
-        downs.append(_solve_group(gate, up, xf, target, mass, act, ridge).to(base.down.dtype))
+        downs.append(_solve_group(base.gate[c], base.up[c], xf, target, mass, act, ridge).to(base.down.dtype))
     return Experts(base.gate, base.up, torch.stack(downs))
 
 
@@ -120,7 +122,7 @@ def fix_dom_refit(
         gate, up = gate.to(dtype), up.to(dtype)
         if fit:
             # Solved on the gate/up rows as they will be stored, so the down projection fits what is written.
-            down = _solve_group(gate.float(), up.float(), xf, target, mass, act, ridge)
+            down = _solve_group(gate, up, xf, target, mass, act, ridge)
         done.append((gate, up, down.to(dtype)))
         del target
     return Experts(*(torch.stack([m[j] for m in done]) for j in range(3)))
@@ -189,12 +191,13 @@ def refit_down_rerouted(
     else:
         resid = torch.zeros(xs.shape[0], experts.down.shape[1], device=xs.device)
         w0, i0 = route(xs @ router.float().T, routing)
+        dt = activation_dtype(experts.gate.dtype, xs.device)
         for e in i0.unique().tolist():
             tok, slot = torch.where(i0 == e)
-            g, u, d = expert_weights(experts, e, torch.float32)  # one expert at a time
             for s in range(0, tok.shape[0], chunk):
                 t = tok[s : s + chunk]
-                resid.index_add_(0, t, expert_hidden(xs[t], g, u, act) @ d.T * w0[t, slot[s : s + chunk], None])
+                h = hidden_fp32(xs[t], experts.gate[e], experts.up[e], act, dt)
+                resid.index_add_(0, t, project_fp32(h, experts.down[e], dt) * w0[t, slot[s : s + chunk], None])
     k_new, inter = base.count, base.gate.shape[1]
     weights, indices = route(xs @ new_router.float().T, routing.reduced(k_new, new_bias))
     blocks = []
@@ -208,8 +211,7 @@ def refit_down_rerouted(
         """Design rows w'_tk h'_k(x_t) over the tokens routed to k: (T_k, I)."""
         if k in cache:
             return cache[k]
-        gate, up, _ = expert_weights(base, k, torch.float32)
-        a = _design(xs[blocks[k].tok], gate, up, act, blocks[k].w, chunk)
+        a = _design(xs[blocks[k].tok], base.gate[k], base.up[k], act, blocks[k].w, chunk)
         if keep:
             cache[k] = a
         return a
