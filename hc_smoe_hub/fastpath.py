@@ -4,29 +4,41 @@ The refits (fix-dom alignment with its per-group fit, the joint re-routed fit) c
 experts over their tokens. Two rules keep that near one statistics pass (benchmarks/RESULTS.md, engine section):
 
 - A fit of an expert's down projection solves for I coefficients per output feature; past a few times I rows more
-  tokens barely move the solution, so each fit samples at most `fit_tokens(I)` of them (never fewer than 4096, so
-  that small experts still see a statistically broad sample).
-- A bf16 source is evaluated with bf16 matmuls (accumulated in fp32, the activation function and everything after
-  it in fp32) where the hardware has fast bf16 kernels (CUDA; CPUs with AVX512-BF16 or AMX): that is what the
-  bf16 model computes when it runs, and 4x faster than fp32 on this project's CPU. Normal equations, Cholesky
-  factors and residuals stay fp32.
+  tokens barely move the solution, so each fit samples a bounded number of them. The per-group fit (a weak ridge
+  pull, 1e-3) samples at most `group_fit_tokens(I)` = max(8192, 8 I); the joint re-routed fit, pulled strongly
+  towards its start (ridge 1.0), at most `joint_fit_tokens(I)` = max(4096, 4 I) per merged expert. On the demo
+  models a per-group cap of 4096 cost 0.016 nats at 4 of 8 experts (benchmarks/RESULTS.md); 8192 never binds
+  there. At Mixtral-8x7B's I = 14336 neither binds at the default calibration (65,536 tokens).
+- A bf16 source is evaluated with bf16 matmuls (inputs rounded to bf16; the activation function and everything
+  after it in fp32) where the hardware has fast bf16 kernels (CUDA; CPUs with AVX512-BF16 or AMX): that is what
+  the bf16 model computes when it runs, and 4x faster than fp32 on this project's CPU. It serves the fix-dom
+  alignment, the refits' design rows and their products with residuals, and the merged block's output that
+  sequential calibration carries to the next layer. Normal equations, Cholesky factors and residuals stay fp32, and
+  so do the statistics pass (the clustering features) and the recorded per-layer error. On the demo models the
+  quality table moved by at most 0.003 nats with it (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
 
-from hc_smoe_hub.routing import Activation
+Activation = Callable[[torch.Tensor], torch.Tensor]
 
-FIT_ROWS_PER_INPUT = 4
-MIN_FIT_TOKENS = 4096
+MIN_GROUP_FIT_TOKENS = 8192
+MIN_JOINT_FIT_TOKENS = 4096
 
 
-def fit_tokens(inter: int) -> int:
-    """The most tokens one least-squares fit of an expert with intermediate size `inter` samples."""
-    return max(MIN_FIT_TOKENS, FIT_ROWS_PER_INPUT * inter)
+def group_fit_tokens(inter: int) -> int:
+    """The most tokens the per-group fit (and fix-dom alignment) of a group samples, at intermediate size `inter`."""
+    return max(MIN_GROUP_FIT_TOKENS, 8 * inter)
+
+
+def joint_fit_tokens(inter: int) -> int:
+    """The most tokens the joint re-routed fit samples per merged expert, at intermediate size `inter`."""
+    return max(MIN_JOINT_FIT_TOKENS, 4 * inter)
 
 
 @cache
@@ -54,6 +66,11 @@ def hidden_fp32(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Acti
 
 def project_fp32(h: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """h W_down^T as fp32 (T, H), the product computed in `dtype`."""
+    return matmul_fp32(h, down.T, dtype)
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a @ b as fp32, the product computed in `dtype` (its inputs rounded to it)."""
     if dtype == torch.float32:
-        return h.float() @ down.float().T
-    return (h.to(dtype) @ down.to(dtype).T).float()
+        return a.float() @ b.float()
+    return (a.to(dtype) @ b.to(dtype)).float()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
-from hc_smoe_hub.fastpath import fit_tokens
+from hc_smoe_hub.fastpath import group_fit_tokens, joint_fit_tokens
 from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_bias, router_rows, weighted_merge
 from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
@@ -79,11 +79,11 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     """Merge each group into one expert and patch the router, as `opts.merge` and `opts.router` say."""
     freqs = ctx.stats.frequencies
     token_sets: list[torch.Tensor] = []
-    fit_cap = fit_tokens(ctx.experts.gate.shape[1])  # tokens per fitted expert (fastpath.py says why)
+    inter = ctx.experts.gate.shape[1]  # the token caps per fit grow with it (fastpath.py says why)
 
     def group_tokens() -> list[torch.Tensor]:  # gathered once, shared by the alignment and the refit
         if not token_sets:
-            token_sets.extend(ctx.routed_tokens(g, fit_cap) for g in groups)
+            token_sets.extend(ctx.routed_tokens(g, group_fit_tokens(inter)) for g in groups)
         return token_sets
 
     base_mode, refit, rerouted = opts.merge, False, False
@@ -111,8 +111,8 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x, routing=ctx.routing)
     bias = router_bias(ctx.routing.bias, groups, opts.router, freqs)
     if rerouted and any(len(g) > 1 for g in groups):  # K = N keeps the layer bit-identical
-        # Rows sampled so that each of the K merged experts sees about fit_cap of them (k of K per row).
-        rows = fit_cap * len(groups) // min(ctx.routing.top_k, len(groups))
+        # Rows sampled so that each of the K merged experts sees about joint_fit_tokens (k of K per row).
+        rows = joint_fit_tokens(inter) * len(groups) // min(ctx.routing.top_k, len(groups))
         experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
                                       routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows)
     return LayerPlan(groups, experts, router, bias=bias)

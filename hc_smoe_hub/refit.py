@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, project_fp32
+from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, matmul_fp32, project_fp32
 from hc_smoe_hub.merging import chunks, closest_to_centroid, fix_dom_group, group_weights
 from hc_smoe_hub.routing import Activation, Experts, Routing, route
 
@@ -176,7 +176,8 @@ def refit_down_rerouted(
     demo models, fitted on half the calibration tokens, its error on the other half ends above its start), while
     0.3-3 gave the lowest error on the other half in every layer; 1.0 is that choice. Each block step minimizes the
     total regularized objective, whose value at the start is the plain routed-output error, so the squared
-    calibration error never ends above where it began (up to rounding). `routed`, the original routed output on
+    calibration error never ends above where it began (up to rounding: the products with the design rows
+    run on the fast path of `fastpath.py`, bf16 for a bf16 source). `routed`, the original routed output on
     every row of `x` when the caller has it (the statistics pass assembles it), saves recomputing y.
 
     Each block is solved in the dual form when it has fewer tokens than I (see the module docstring): then the
@@ -204,14 +205,17 @@ def refit_down_rerouted(
     for k in range(k_new):
         tok, slot = torch.where(indices == k)
         blocks.append(_Block(tok, weights[tok, slot], inter))
-    keep = indices.numel() * inter * 4 <= cache_bytes
+    # The products with the design rows run in the fast-path dtype (bf16 for a bf16 source, fastpath.py); the rows
+    # are rounded to it once, so that every product and the fp32 normal equations see the same rows.
+    dt = activation_dtype(base.gate.dtype, xs.device)
+    keep = indices.numel() * inter * dt.itemsize <= cache_bytes
     cache: dict[int, torch.Tensor] = {}
 
     def design(k: int) -> torch.Tensor:
-        """Design rows w'_tk h'_k(x_t) over the tokens routed to k: (T_k, I)."""
+        """Design rows w'_tk h'_k(x_t) over the tokens routed to k: (T_k, I), in `dt`."""
         if k in cache:
             return cache[k]
-        a = _design(xs[blocks[k].tok], base.gate[k], base.up[k], act, blocks[k].w, chunk)
+        a = _design(xs[blocks[k].tok], base.gate[k], base.up[k], act, blocks[k].w, chunk).to(dt)
         if keep:
             cache[k] = a
         return a
@@ -221,9 +225,9 @@ def refit_down_rerouted(
         if b.tok.shape[0] == 0:
             continue
         a, d0 = design(k), base.down[k].float()
-        resid.index_add_(0, b.tok, -(a @ d0.T))
+        resid.index_add_(0, b.tok, -matmul_fp32(a, d0.T, dt))
         if b.dual:
-            gram = a @ a.T
+            gram = a.float() @ a.float().T
             b.lam = ridge * float(gram.diagonal().sum().clamp(min=1e-12)) / inter
             b.chol = _cholesky_shifted(gram, b.lam)
             b.coef = torch.zeros(b.tok.shape[0], d0.shape[0], device=xs.device)
@@ -246,7 +250,7 @@ def refit_down_rerouted(
                 assert b.down is not None
                 a = design(k)
                 if b.chol is None:
-                    gram = a.T @ a
+                    gram = a.float().T @ a.float()
                     b.lam = ridge * float(gram.diagonal().mean().clamp(min=1e-12))
                     chol = _cholesky_shifted(gram, b.lam)
                     # Kept across sweeps when every block's factor fits the cache budget, else refactored.
@@ -257,9 +261,10 @@ def refit_down_rerouted(
                 # A^T (y - prediction without k) + lam D0, where resid = y - prediction: k's own share A^T A D is
                 # added back from the factor, (L L^T - lam) D, instead of from the (T_k, I) rows.
                 d_t = b.down.T
-                rhs = a.T @ resid[b.tok] + chol @ (chol.T @ d_t) - b.lam * d_t + b.lam * base.down[k].float().T
+                rhs = matmul_fp32(a.T, resid[b.tok], dt) + chol @ (chol.T @ d_t) - b.lam * d_t
+                rhs += b.lam * base.down[k].float().T
                 new = torch.cholesky_solve(rhs, chol).T
-                resid.index_add_(0, b.tok, -(a @ (new - b.down).T))
+                resid.index_add_(0, b.tok, -matmul_fp32(a, (new - b.down).T, dt))
                 b.down = new
     downs = []
     for k, b in enumerate(blocks):
@@ -267,7 +272,7 @@ def refit_down_rerouted(
             downs.append(base.down[k])
         elif b.dual:
             assert b.coef is not None
-            downs.append((base.down[k].float() + b.coef.T @ design(k)).to(base.down.dtype))
+            downs.append((base.down[k].float() + matmul_fp32(b.coef.T, design(k), dt)).to(base.down.dtype))
         else:
             assert b.down is not None
             downs.append(b.down.to(base.down.dtype))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from hc_smoe_hub.fastpath import hidden_fp32, project_fp32
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -141,15 +143,21 @@ def expert_output(x: torch.Tensor, experts: Experts, i: int, act: Activation) ->
 
 
 def moe_output(
-    x: torch.Tensor, experts: Experts, router: torch.Tensor, routing: Routing, act: Activation
+    x: torch.Tensor, experts: Experts, router: torch.Tensor, routing: Routing, act: Activation,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The routed part of the MoE block (shared experts excluded): sum over top-k of weight * E_i(x), fp32.
 
-    Computed in x's dtype, one expert at a time, whatever the experts' dtype."""
+    Computed in x's dtype, one expert at a time, whatever the experts' dtype; with `dtype` (bf16, the fast path of
+    a bf16 source, `fastpath.py`) the expert products are computed in it and everything else in fp32."""
     weights, indices = route(x @ router.T.to(x.dtype), routing)
     out = torch.zeros(x.shape[0], experts.down.shape[1], dtype=torch.float32, device=x.device)
     for e in indices.unique().tolist():
         tok, slot = torch.where(indices == e)
-        y = expert_output(x[tok], experts, e, act).float()
+        if dtype is None:
+            y = expert_output(x[tok], experts, e, act).float()
+        else:
+            h = hidden_fp32(x[tok], experts.gate[e], experts.up[e], act, dtype)
+            y = project_fp32(h, experts.down[e], dtype)
         out.index_add_(0, tok, y * weights[tok, slot, None])
     return out

@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
+from hc_smoe_hub.fastpath import activation_dtype
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
 from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
@@ -357,12 +358,13 @@ class StreamingMerger:
         del ctx, experts  # the source experts are not needed any more: free them before the layer is finished
         reduced = plan.routing(routing)
         merged_router = plan.router.to(router.dtype)
-        # Sequential calibration carries the merged block's routed output on every token; one-shot only needs it on
-        # the sample, for the error.
-        merged_rows = x if self.s.sequential else x[sample]
-        merged_routed = moe_output(merged_rows, plan.experts, merged_router, reduced, self.act)
+        # Sequential calibration carries the merged block's routed output on every token, computed on the fast path
+        # (bf16 products for a bf16 source, as the bf16 model computes it); the recorded error is fp32, on the sample.
+        if self.s.sequential:
+            fast = activation_dtype(plan.experts.gate.dtype, x.device)
+            merged_routed = moe_output(x, plan.experts, merged_router, reduced, self.act, fast)
+        got = moe_output(x[sample], plan.experts, merged_router, reduced, self.act)
         ref = stats.sampled_output
-        got = merged_routed[sample] if self.s.sequential else merged_routed
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
         merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key}

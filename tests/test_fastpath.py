@@ -5,19 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hc_smoe_hub.fastpath import MIN_FIT_TOKENS, activation_dtype, fit_tokens, hidden_fp32, project_fp32
-from hc_smoe_hub.merging import fix_dom_merge
+from hc_smoe_hub.fastpath import (
+    MIN_GROUP_FIT_TOKENS,
+    MIN_JOINT_FIT_TOKENS,
+    activation_dtype,
+    group_fit_tokens,
+    hidden_fp32,
+    joint_fit_tokens,
+    project_fp32,
+)
+from hc_smoe_hub.merging import fix_dom_merge, router_rows
 from hc_smoe_hub.methods import LayerContext
-from hc_smoe_hub.routing import Experts, Routing
+from hc_smoe_hub.refit import refit_down, refit_down_rerouted
+from hc_smoe_hub.routing import Experts, Routing, moe_output
 from hc_smoe_hub.stats import collect
 
 ACT = torch.nn.functional.silu
 
 
-def test_fit_tokens_is_four_rows_per_input_with_a_floor():
-    assert fit_tokens(64) == MIN_FIT_TOKENS
-    assert fit_tokens(1024) == 4096
-    assert fit_tokens(14336) == 4 * 14336  # Mixtral-8x7B: 57344 rows, more than a group sees at 65536 tokens
+def test_fit_token_caps_grow_with_the_intermediate_size_above_a_floor():
+    assert group_fit_tokens(64) == MIN_GROUP_FIT_TOKENS and joint_fit_tokens(64) == MIN_JOINT_FIT_TOKENS
+    assert (group_fit_tokens(1024), joint_fit_tokens(1024)) == (8192, 4096)
+    # Mixtral-8x7B (I = 14336): neither binds at the default 32 x 2048 calibration tokens.
+    assert group_fit_tokens(14336) > 65536 and joint_fit_tokens(14336) * 6 // 2 > 65536
 
 
 def test_activation_dtype_follows_the_weights():
@@ -69,3 +79,40 @@ def test_routed_tokens_are_capped_at_the_limit(limit):
     routed = ctx.routed_tokens([0, 1], 10**6)
     assert min(limit, routed.shape[0]) // 2 <= tokens.shape[0] <= limit
     assert routed.shape[0] > 333  # the smaller limits do bind
+
+
+def _bf16_layer(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    ex = Experts(torch.randn(6, 96, 64, generator=g).bfloat16() / 8, torch.randn(6, 96, 64, generator=g).bfloat16() / 8,
+                 torch.randn(6, 64, 96, generator=g).bfloat16() / 10)
+    return ex, torch.randn(6, 64, generator=g), torch.randn(3000, 64, generator=g)
+
+
+def test_moe_output_on_the_fast_path_is_the_fp32_output_within_bf16_rounding():
+    ex, router, x = _bf16_layer()
+    routing = Routing(top_k=2, renormalize=True)
+    ref, fast = moe_output(x, ex, router, routing, ACT), moe_output(x, ex, router, routing, ACT, torch.bfloat16)
+    rel = float((fast - ref).norm() / ref.norm())
+    assert 1e-5 < rel < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [150, 3000])  # dual blocks (fewer tokens than I = 96) and primal ones
+def test_rerouted_refit_of_a_bf16_layer_lowers_its_error_and_matches_the_fp32_fit(tokens):
+    ex, router, x = _bf16_layer(4)
+    x = x[:tokens]
+    routing = Routing(top_k=2, renormalize=True)
+    groups, freqs = [[0, 3], [1, 4], [2, 5]], torch.full((6,), 1 / 6)
+    base = refit_down(ex, fix_dom_merge(ex, groups, torch.zeros(6, 8), [x] * 3, ACT), groups, [x] * 3, router, ACT)
+    new_router = router_rows(router, groups, "fit", freqs, x)
+    ref = moe_output(x, ex, router, routing, ACT)
+
+    def err(e: Experts) -> float:
+        return float((moe_output(x, e, new_router, routing, ACT) - ref).norm() / ref.norm())
+
+    fitted = refit_down_rerouted(ex, base, router, new_router, x, routing, ACT)
+    as_fp32 = Experts(base.gate.float(), base.up.float(), base.down.float())
+    exact = refit_down_rerouted(Experts(ex.gate.float(), ex.up.float(), ex.down.float()), as_fp32, router,
+                                new_router, x, routing, ACT)
+    assert err(fitted) < err(base) - 1e-3
+    # The bf16 products move the solution by about bf16 rounding, no more.
+    assert abs(err(fitted) - err(exact)) < 0.1 * (err(base) - err(exact))
