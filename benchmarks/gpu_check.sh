@@ -11,15 +11,16 @@ cd "$(dirname "$0")/.."
 LOGS=${OUT:-/tmp/gpu_check}
 mkdir -p "$LOGS"
 PY=${PYTHON:-python3}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+DEVICE=cuda SCALE=1 THREADS=$(nproc)
+if [ "${1:-}" = "--cpu-smoke" ]; then DEVICE=cpu SCALE=16 THREADS=2; fi
+# The carried wheels are built for the GPU machine's Python 3.12: installed there only.
+if [ "$DEVICE" = cuda ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-DEVICE=cuda SCALE=1 THREADS=$(nproc)
-if [ "${1:-}" = "--cpu-smoke" ]; then DEVICE=cpu SCALE=16 THREADS=2; fi
 $PY - <<PYEOF | tee "$LOGS/env.log"
 import torch, transformers, platform
 print("python", platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__)
