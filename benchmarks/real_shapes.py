@@ -46,7 +46,7 @@ SHAPES = {
                                     "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1}),
 }
 WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
-CALIB = {"num_samples": 8, "seq_len": 512}
+CALIB = {"num_samples": 8, "seq_len": 512}  # the issue's setting; --num-samples 32 --seq-len 2048 is the default run's
 
 CHILD = """
 import json, time, torch
@@ -96,11 +96,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="default,--paper")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    ap.add_argument("--num-samples", type=int, default=CALIB["num_samples"])
+    ap.add_argument("--seq-len", type=int, default=CALIB["seq_len"])
     args = ap.parse_args()
+    CALIB.update(num_samples=args.num_samples, seq_len=args.seq_len)
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="hcsmoe-shapes-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    calib = calibration_text(tmp / "calib.txt", paragraphs=2000)
     tokens = CALIB["num_samples"] * CALIB["seq_len"]
+    calib = calibration_text(tmp / "calib.txt", paragraphs=2000 * max(1, tokens // 16384))
     lines = [f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, device "
              f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
              + f"; calibration {CALIB['num_samples']} x {CALIB['seq_len']} tokens; two decoder layers per "
@@ -139,6 +142,8 @@ def main() -> None:
     print(report)
     if args.record:
         section = "real-shapes" if args.device == "cpu" else "real-shapes-gpu"
+        if CALIB != {"num_samples": 8, "seq_len": 512}:
+            section += f"-{CALIB['num_samples']}x{CALIB['seq_len']}"
         command = " ".join(["python benchmarks/real_shapes.py", *sys.argv[1:]])
         record(section, f"Command: `{command}`\n\n{report}\n")
 

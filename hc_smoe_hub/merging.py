@@ -155,7 +155,9 @@ def fix_dom_group(
 
 
 def _standardize(a: torch.Tensor) -> torch.Tensor:
-    return (a - a.mean(0)) / a.std(0).clamp(min=1e-6)
+    """Columns to zero mean and unit deviation, in place: a is a (T, I) buffer as large as the layer's refit."""
+    std = a.std(0).clamp(min=1e-6)
+    return a.sub_(a.mean(0)).div_(std)
 
 
 def router_rows(

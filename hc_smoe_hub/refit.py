@@ -188,7 +188,7 @@ def refit_down_rerouted(
     rows = torch.arange(0, x.shape[0], max(1, -(-x.shape[0] // max_tokens)), device=x.device)
     xs = x[rows].float()
     if routed is not None:
-        resid = routed[rows].float().clone()  # the original routed output y, for now
+        resid = routed[rows].float()  # the original routed output y, for now (indexing made it a fresh copy)
     else:
         resid = torch.zeros(xs.shape[0], experts.down.shape[1], device=xs.device)
         w0, i0 = route(xs @ router.float().T, routing)
@@ -227,7 +227,9 @@ def refit_down_rerouted(
         a, d0 = design(k), base.down[k].float()
         resid.index_add_(0, b.tok, -matmul_fp32(a, d0.T, dt))
         if b.dual:
-            gram = a.float() @ a.float().T
+            af = a.float()  # one fp32 copy of the (T_k, I) rows, not one per operand
+            gram = af @ af.T
+            del af
             b.lam = ridge * float(gram.diagonal().sum().clamp(min=1e-12)) / inter
             b.chol = _cholesky_shifted(gram, b.lam)
             b.coef = torch.zeros(b.tok.shape[0], d0.shape[0], device=xs.device)
@@ -250,7 +252,9 @@ def refit_down_rerouted(
                 assert b.down is not None
                 a = design(k)
                 if b.chol is None:
-                    gram = a.float().T @ a.float()
+                    af = a.float()
+                    gram = af.T @ af
+                    del af
                     b.lam = ridge * float(gram.diagonal().mean().clamp(min=1e-12))
                     chol = _cholesky_shifted(gram, b.lam)
                     # Kept across sweeps when every block's factor fits the cache budget, else refactored.

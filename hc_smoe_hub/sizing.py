@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hc_smoe_hub.fastpath import group_fit_tokens, joint_fit_tokens
+
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -26,9 +28,12 @@ PROCESS_BYTES = 7 * GIB // 8
 # block's input, the original and the merged routed outputs, and one transient batch.
 HIDDEN_COPIES = 5
 # O-prune's per-token Gram matrices are scored on this many tokens (baselines.O_PRUNE_TOKENS), in fp64, beside a
-# block of expert outputs bounded at 256 MiB.
+# block of expert outputs bounded at 256 MiB. The survivor search holds several (S, N)- to (S, N, N)-sized fp64
+# buffers besides: at N = 128 the measured peak (H200, benchmarks/RESULTS.md) was 1.3 GiB above the other terms,
+# so the search is counted as O_PRUNE_COPIES Gram-sized arrays, fitted to that measurement, not derived.
 O_PRUNE_TOKENS = 2048
 O_PRUNE_BLOCK = 256 << 20
+O_PRUNE_COPIES = 6
 # Families whose attention normalizes queries and keys: per head (one head_dim vector each for q and k) or over
 # the whole projection (one vector of the projection's width each).
 QK_NORMS = {"qwen3_moe": "head", "olmoe": "projection"}
@@ -150,15 +155,17 @@ def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATIO
     With L one MoE decoder layer's weight bytes as stored, E the routed experts' share of it, N and K the expert
     counts, I and H the expert's intermediate and hidden sizes, T the calibration tokens:
 
-        P + L + (K / N) E + 2 x 12 I H + 4 I^2 + 5 x 4 T H + 8 x 2048 N^2 + 256 MiB
+        P + L + (K / N) E + 2 x 12 I H + 4 I^2 + 5 x 4 T H + 6 x 8 x 2048 N^2 + 256 MiB + R
 
     the layer as read, the merged experts awaiting their write (in the source dtype), the fp32 working set of one
     merged expert and the member being aligned into it, the (I, I) neuron-correlation or least-squares system,
-    the fp32 hidden-state buffers, and O-prune's fp64 Gram matrices with their scoring block; P is the
-    process itself (0.875 GiB). It does not depend on the depth. It is the default method's peak (the heaviest);
+    the fp32 hidden-state buffers, O-prune's fp64 Gram matrices with their scoring block and the survivor
+    search's buffers, and R the refits'
+    token-dependent working set (`refit_bytes`); P is the process itself (0.875 GiB). It does not depend on the depth. It is the default method's peak (the heaviest);
     `--paper` needs less. `keep` defaults to N (the worst case). Checked against benchmarks/real_shapes.py
-    (benchmarks/RESULTS.md, real-shapes section): 3-8% above the measured peak of the default for the Mixtral-8x7B,
-    Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B layer shapes.
+    (benchmarks/RESULTS.md, real-shapes sections) at the Mixtral-8x7B, Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B layer
+    shapes: above the measured peak of the default on a CPU at 8 x 512 tokens and on an H200 at 8 x 512 and at
+    the default 32 x 2048 tokens (6-12% above there; the search term was fitted to the Qwen3 shape's GPU peak).
     """
     cfg = text_config(config)
     hidden, inter, n = int(cfg["hidden_size"]), _expert_intermediate(cfg), num_routed_experts(cfg)
@@ -166,8 +173,24 @@ def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATIO
     layer = layer_weight_bytes(config)
     experts = n * expert_params(cfg) * source_dtype_bytes(config)
     working = 2 * 12 * inter * hidden + 4 * inter * inter
-    search = 8 * O_PRUNE_TOKENS * n * n + O_PRUNE_BLOCK
-    return int(PROCESS_BYTES + layer + keep * experts / n + working + HIDDEN_COPIES * 4 * tokens * hidden + search)
+    search = O_PRUNE_COPIES * 8 * O_PRUNE_TOKENS * n * n + O_PRUNE_BLOCK
+    refit = refit_bytes(hidden, inter, n, keep, int(cfg.get("num_experts_per_tok") or 1), tokens)
+    return int(PROCESS_BYTES + layer + keep * experts / n + working + HIDDEN_COPIES * 4 * tokens * hidden + search
+               + refit)
+
+
+def refit_bytes(hidden: int, inter: int, n: int, keep: int, top_k: int, tokens: int) -> int:
+    """The token-dependent working set of the least-squares refits, the larger of the two (they run one after the
+    other): the per-group fit holds a group's tokens (Tg, H) and its fp32 design rows with their fast-path copy,
+    4 Tg H + 6 Tg I; the joint re-routed fit its sampled tokens and residuals, 8 Tj H, and one merged expert's
+    design rows in the fast-path dtype with one fp32 copy, 6 Tk I. Tg, Tj and Tk follow the token caps of
+    fastpath.py and methods.py, with a group or a merged expert taking up to twice its even share of the tokens
+    (real routers are unbalanced)."""
+    k = max(1, min(top_k, keep))
+    t_group = min(tokens, group_fit_tokens(inter), 4 * tokens * top_k // n)
+    t_joint = min(tokens, joint_fit_tokens(inter) * keep // k)
+    t_expert = min(t_joint, 2 * t_joint * k // keep)
+    return max(4 * t_group * hidden + 6 * t_group * inter, 8 * t_joint * hidden + 6 * t_expert * inter)
 
 
 def eval_peak_bytes(config: dict[str, Any], dtype_bytes: int = 2, *, batch_tokens: int = 8 * 2048) -> int:

@@ -152,9 +152,10 @@ def test_flavor_is_the_cheapest_that_holds_the_job(jobs_hub):
     assert choice(demo, 6, evaluate=True) == "t4-small"
     # Mixtral-8x7B: 93 GB in bf16, evaluated whole: an 80 GB A100 is too small, one H200 is cheaper than 4 x L40S.
     assert choice(MIXTRAL_8X7B, 6, evaluate=True) == "h200"
-    # Without evaluation one layer fits a 16 GB T4, but source + output (~163 GB) do not fit its 50 GB disk.
+    # Without evaluation: one layer's merge at the default calibration (~21 GB by the formula; 18 GiB measured on an
+    # H200) is too much for a 16 GB T4 but fits a 24 GB L4, and source + output (~163 GB) need more disk than that.
     need = jobs_flavor.need_for(MIXTRAL_8X7B, 6, evaluate=False, tokens=32 * 2048)
-    assert need.gpu_each < 16e9 < need.disk
+    assert 16e9 < need.gpu_each < 24e9 < need.disk
     assert choice(MIXTRAL_8X7B, 6, evaluate=False) == "l4x1"
     assert jobs_flavor.choose_flavor(flavors, need, "a100-large").name == "a100-large"  # --flavor overrides
 
