@@ -13,3 +13,7 @@ python3 -m venv .venv
 # The CPU build of torch; on a GPU machine install the CUDA build of your choice instead.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# transformers 4.57 beside the project's 5.x, for tests/test_older_transformers.py (merged checkpoints must load in
+# the older stacks that serve models): a --target folder used only by that test's subprocess, never on sys.path here.
+.venv/bin/python -m pip install -q --target .venv/transformers-4.57 --upgrade \
+  "transformers==4.57.*" "huggingface_hub<1.0" "tokenizers<0.23"
