@@ -139,14 +139,17 @@ class StreamingMerger:
         dropped = {k for layer in self.moe_layers for e in range(keep, self.n_experts)
                    for k in self.spec.expert_keys(layer, e)}
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
-        routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
+        biases = {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
-            layer = self._layer_of(key)
-            if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
+            if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
-            shape = (keep, *info.shape[1:]) if key in routers else info.shape
+            shape = info.shape
+            if key in biases:  # the expert axis is the last: ERNIE stores its bias as (1, N)
+                shape = (*info.shape[:-1], keep)
+            elif key in routers:
+                shape = (keep, *info.shape[1:])
             plan.append(OutputTensor(key, info.dtype, shape))
         return plan
 
@@ -174,7 +177,7 @@ class StreamingMerger:
         release_freed_memory()
         dev = self.s.device
         for key in self._ordered_keys():
-            if not key.startswith(self.spec.layers_prefix):
+            if not key.startswith(self.spec.layers_prefix) and not self._extra(key):
                 writer.write_chunks(key, self.src.copy_raw(key))
         writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
                             and self._layer_of(k) < start_layer)
@@ -206,6 +209,11 @@ class StreamingMerger:
                 writer.sync()
                 on_finished(layer_idx + 1, records, hidden)
         return records
+
+    def _extra(self, key: str) -> bool:
+        """Whether a key belongs to the extra (MTP) layers, which are dropped."""
+        layer = self._layer_of(key)
+        return (layer is not None and layer >= self.num_layers) or self.spec.extra_layers.holds(key)
 
     def _layer_of(self, key: str) -> int | None:
         """The decoder layer an on-disk key belongs to, or None for embeddings, final norm and head."""
@@ -268,14 +276,7 @@ class StreamingMerger:
     def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block renamed)."""
         prefix = self.spec.layer_prefix(layer_idx)
-        moe_disk, moe_mem = self.spec.moe_disk + ".", self.spec.moe_module + "."
-        state = {}
-        for key, value in tensors.items():
-            rel = key[len(prefix):]
-            if rel.startswith(moe_disk):
-                rel = moe_mem + rel[len(moe_disk):]
-            state[rel] = value
-        return state
+        return {self.spec.memory_name(key[len(prefix):]): value for key, value in tensors.items()}
 
     def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
         """Load `state` into a meta module; parameters under the prefix `skip` may stay on the meta device."""
@@ -369,7 +370,7 @@ class StreamingMerger:
         router = tensors[spec.router_key(layer_idx)]
         bias_key = spec.bias_key(layer_idx)
         bias = tensors[bias_key] if bias_key else None
-        routing = replace(self.routing, bias=None if bias is None else bias.float())
+        routing = replace(self.routing, bias=None if bias is None else bias.float().reshape(-1))
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
@@ -394,7 +395,7 @@ class StreamingMerger:
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
         merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key}
-        new_bias = None if bias is None else plan.bias.to(bias.dtype)
+        new_bias = None if bias is None else plan.bias.to(bias.dtype).reshape(*bias.shape[:-1], self.s.keep)
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
