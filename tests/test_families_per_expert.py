@@ -68,6 +68,7 @@ def test_keeping_every_expert_reproduces_the_source(name, family_models, merge_a
         assert config[count_key] == 1 and out_config[count_key] == 0
         assert arch["mtp_layers"] == {"count": 1, "action": "dropped", "config": {count_key: 0},
                                       "keys": [f"{mtp_prefix}*"]}
+        assert "MTP layer(s) were dropped" in (out / "README.md").read_text()
     else:
         assert "mtp_layers" not in arch
 
