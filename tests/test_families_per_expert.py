@@ -16,9 +16,12 @@ from test_families import IDS, _sorted_choice, calibration_ids, load, run_cli
 from test_refusals import refuse
 from transformers import AutoConfig
 
+from hc_smoe_hub import baselines, subset_search
 from hc_smoe_hub.architectures import spec_for
 from hc_smoe_hub.checkpoint import SourceCheckpoint
-from hc_smoe_hub.routing import route
+from hc_smoe_hub.methods import METHODS, LayerContext, MethodOptions
+from hc_smoe_hub.routing import Experts, Routing, route
+from hc_smoe_hub.stats import collect
 from hc_smoe_hub.synthetic import build_tiny_moe
 
 # name -> (a K < N the family routes, its MoE layers, the router module inside the decoder layer, MTP key prefix)
@@ -205,3 +208,44 @@ def test_per_layer_top_k_must_be_one_value(family_models, merge_args, tmp_path, 
     out = tmp_path / "out"
     refuse(capsys, [str(src), "--keep", "4", "--output-dir", str(out), *merge_args], out,
            "moe_topk differs between layers", "not supported")
+
+
+def test_subset_scores_route_with_sparsemixer():
+    """O-prune's subset losses for a sparsemixer router are those of the pruned model: sparsemixer over the kept
+    columns (not a softmax top-2), against the source's sparsemixer output."""
+    g = torch.Generator().manual_seed(5)
+    n, tokens = 10, 60
+    y = torch.randn(n, tokens, 6, generator=g)
+    logits = torch.randn(tokens, n, generator=g) * 0.5
+    routing = Routing(top_k=2, renormalize=False, scoring="sparsemixer", jitter_eps=0.2)
+    assert not routing.plain_softmax  # the closed-form swap search does not apply
+    prob = subset_search.problem_from_outputs(y, logits, routing, 5)
+
+    def output(cols: list[int]) -> torch.Tensor:
+        w, i = route(logits[:, cols], routing.columns(cols))
+        picked = torch.tensor(cols)[i]  # (T, 2) expert ids
+        return (w[..., None] * y[picked, torch.arange(tokens)[:, None]]).sum(1)
+
+    ref = output(list(range(n)))
+    subsets = [[0, 1, 2, 3, 4], [1, 3, 5, 7, 9], [2, 4, 6, 8, 9]]
+    want = torch.stack([((output(s) - ref) ** 2).sum() for s in subsets])
+    assert torch.allclose(subset_search.subset_losses(prob, torch.tensor(subsets)).float(), want, rtol=1e-4)
+
+
+def test_o_prune_takes_the_exact_greedy_path_for_sparsemixer():
+    g = torch.Generator().manual_seed(0)
+    n, keep, hidden, inter, tokens = 24, 12, 16, 8, 256
+    experts = Experts(*(torch.randn(n, *shape, generator=g) * 0.5
+                        for shape in ((inter, hidden), (inter, hidden), (hidden, inter))))
+    x = torch.randn(tokens, hidden, generator=g)
+    router = torch.randn(n, hidden, generator=g) * 0.4
+    routing = Routing(top_k=2, renormalize=False, scoring="sparsemixer", jitter_eps=0.01)
+    act = torch.nn.functional.silu
+    ctx = LayerContext(0, keep, x, experts, router, routing, act, collect(x, experts, router, routing, act))
+    plan = METHODS["o-prune"](ctx, MethodOptions())
+    info = plan.extra["o_prune"]
+    assert info["search"] == "greedy" and not info["exhaustive"]
+    kept = [c[0] for c in plan.groups]
+    prob = baselines.o_prune_problem(ctx)
+    loss = float(subset_search.subset_losses(prob, torch.tensor([kept]))[0])
+    assert info["rel_error"] == pytest.approx((loss / prob.ref) ** 0.5, abs=1e-6)
