@@ -29,6 +29,7 @@ from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.fastpath import activation_dtype
+from hc_smoe_hub.layer_inputs import catch_layer_inputs
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
 from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
@@ -224,12 +225,8 @@ class StreamingMerger:
         """Embed the calibration batches and catch every decoder layer's keyword arguments, per batch.
 
         Returns the hidden states entering layer 0 (one tensor per batch) and, per batch, one kwargs dict per
-        decoder layer. Each layer's own are needed: sliding-window and full-attention layers (`layer_types`), or
-        linear- and full-attention ones, get different masks from the model's `causal_mask_mapping`. The model's
-        forward runs once per batch with every decoder layer's `forward` replaced by a recorder that returns its
-        input unchanged (the masks and rotary embeddings do not depend on the hidden states); the last one stops
-        the forward before the final norm. The dicts hold the very tensors the model built, so a mask shared by
-        many layers is stored once.
+        decoder layer (`layer_inputs.catch_layer_inputs`: sliding-window, linear- and full-attention layers get
+        different masks; one shared by many layers is stored once).
         """
         dev, cdt = self.s.device, self.s.compute_dtype
         embed = _module(model, self.spec.embed_module)
@@ -237,39 +234,15 @@ class StreamingMerger:
         state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
         embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
         layers = list(_module(model, self.spec.layers_module))[: self.num_layers]
-        seen: list[dict] = []
-
-        def recorder(index: int) -> Callable[..., torch.Tensor]:
-            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-                h = args[0] if args else kwargs.pop("hidden_states")
-                kwargs["hidden_states"] = h  # popped again below: the first layer's input is the embedding
-                seen.append(kwargs)
-                if index == len(layers) - 1:
-                    raise _Caught((), {})
-                return h
-
-            return forward
-
-        for i, layer in enumerate(layers):
-            layer.forward = recorder(i)  # an instance attribute: nn.Module.__call__ calls it, hooks stay as they are
         base = _module(model, self.spec.layers_module.rpartition(".")[0])
         hidden, kwargs_list = [], []
         per_batch = max(1, self.s.batch_tokens // blocks.shape[1])
         try:
             for s in range(0, blocks.shape[0], per_batch):
-                seen.clear()
-                with torch.no_grad(), contextlib.suppress(_Caught):
-                    base(input_ids=blocks[s : s + per_batch].to(dev), use_cache=False)
-                if len(seen) != len(layers):
-                    raise SourceError(f"the model ran {len(seen)} of its {len(layers)} decoder layers in its "
-                                      "forward: the engine cannot catch each layer's arguments for this class")
-                hidden.append(seen[0]["hidden_states"].to(cdt))
-                for kw in seen:
-                    kw.pop("hidden_states")
-                kwargs_list.append(list(seen))
+                h, per_layer = catch_layer_inputs(base, layers, blocks[s : s + per_batch].to(dev))
+                hidden.append(h.to(cdt))
+                kwargs_list.append(per_layer)
         finally:
-            for layer in layers:
-                del layer.forward
             embed.to("meta")
         return hidden, kwargs_list
 
