@@ -119,6 +119,10 @@ def test_reduced_checkpoint_loads_and_routes_as_planned(name, paper, family_mode
     tensors, src_tensors = SourceCheckpoint(out), SourceCheckpoint(src)
     ids = calibration_ids(src, calib_file)
     assert [layer["layer"] for layer in prov["layers"]] == moe_layers
+    routing = prov["architecture"]["routing"]
+    assert routing["scores"] == spec.scoring.scores and routing["selection_bias"] == spec.scoring.bias
+    if spec.scoring.scores == "sparsemixer":
+        assert routing["jitter_eps"] == src_config["router_jitter_noise"] == 0.01
     for layer in prov["layers"]:
         li, clusters = layer["layer"], layer["clusters"]
         assert len(clusters) == keep and sorted(i for c in clusters for i in c) == list(range(n))

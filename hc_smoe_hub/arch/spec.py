@@ -156,6 +156,8 @@ class ArchSpec:
                         "routed_scaling_factor": r.scale},
             "moe_layers": self.moe_layer_ids(config),
         }
+        if r.scoring == "sparsemixer":
+            out["routing"]["jitter_eps"] = r.jitter_eps
         if extra:
             out["mtp_layers"] = {"count": extra, "action": "dropped",
                                  "config": self.extra_layers.reduced(self.cfg(config))}
