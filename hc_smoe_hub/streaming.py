@@ -1,7 +1,8 @@
 """Layer-by-layer execution over the calibration hidden states; the whole model is never materialized.
 
-The model skeleton is built on the meta device. The calibration blocks are embedded and layer 0's inputs are
-caught by a pre-hook (the model's own forward computes the mask and rotary embeddings, whatever the family).
+The model skeleton is built on the meta device. The calibration blocks are embedded and every decoder layer's
+keyword arguments are caught (the model's own forward computes each layer's mask and the rotary embeddings,
+whatever the family; sliding-window, linear- and full-attention layers get different masks).
 Then each decoder layer in turn is loaded from the shards, run over the hidden states (the MoE block's input is
 recorded for the statistics), reduced by the chosen method, written out, optionally re-run with its merged
 experts (sequential calibration), and freed.
@@ -28,6 +29,7 @@ from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.fastpath import activation_dtype
+from hc_smoe_hub.layer_inputs import catch_layer_inputs
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
 from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
@@ -138,14 +140,17 @@ class StreamingMerger:
         dropped = {k for layer in self.moe_layers for e in range(keep, self.n_experts)
                    for k in self.spec.expert_keys(layer, e)}
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
-        routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
+        biases = {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
-            layer = self._layer_of(key)
-            if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
+            if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
-            shape = (keep, *info.shape[1:]) if key in routers else info.shape
+            shape = info.shape
+            if key in biases:  # the expert axis is the last: ERNIE stores its bias as (1, N)
+                shape = (*info.shape[:-1], keep)
+            elif key in routers:
+                shape = (keep, *info.shape[1:])
             plan.append(OutputTensor(key, info.dtype, shape))
         return plan
 
@@ -173,14 +178,15 @@ class StreamingMerger:
         release_freed_memory()
         dev = self.s.device
         for key in self._ordered_keys():
-            if not key.startswith(self.spec.layers_prefix):
+            if not key.startswith(self.spec.layers_prefix) and not self._extra(key):
                 writer.write_chunks(key, self.src.copy_raw(key))
         writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
                             and self._layer_of(k) < start_layer)
         model = self.model
         rotary = _module(model, self.spec.rotary_module)
         _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
-        # The embedding pass also yields each batch's mask and rotary arguments, which a resumed run needs too.
+        # The embedding pass also yields each batch's masks and rotary arguments for every decoder layer, which a
+        # resumed run needs too.
         hidden, layer_kwargs = self._embed(model, blocks)
         if start_layer:
             if hidden_states is None or [h.shape for h in hidden_states] != [h.shape for h in hidden]:
@@ -191,7 +197,8 @@ class StreamingMerger:
         for layer_idx in tqdm(range(start_layer, self.num_layers), desc="merging layers", unit="layer",
                               initial=start_layer, total=self.num_layers):
             t0 = time.perf_counter()
-            record = self._process_layer(layers, layer_idx, hidden, layer_kwargs, writer)
+            kwargs = [per_layer[layer_idx] for per_layer in layer_kwargs]  # this layer's own mask, per batch
+            record = self._process_layer(layers, layer_idx, hidden, kwargs, writer)
             if record is not None:
                 record.seconds = time.perf_counter() - t0
                 records.append(record)
@@ -204,52 +211,45 @@ class StreamingMerger:
                 on_finished(layer_idx + 1, records, hidden)
         return records
 
+    def _extra(self, key: str) -> bool:
+        """Whether a key belongs to the extra (MTP) layers, which are dropped."""
+        layer = self._layer_of(key)
+        return (layer is not None and layer >= self.num_layers) or self.spec.extra_layers.holds(key)
+
     def _layer_of(self, key: str) -> int | None:
         """The decoder layer an on-disk key belongs to, or None for embeddings, final norm and head."""
         prefix = self.spec.layers_prefix
         return int(key[len(prefix):].split(".", 1)[0]) if key.startswith(prefix) else None
 
-    def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Embed the calibration batches and catch every decoder layer's keyword arguments, per batch.
+
+        Returns the hidden states entering layer 0 (one tensor per batch) and, per batch, one kwargs dict per
+        decoder layer (`layer_inputs.catch_layer_inputs`: sliding-window, linear- and full-attention layers get
+        different masks; one shared by many layers is stored once).
+        """
         dev, cdt = self.s.device, self.s.compute_dtype
         embed = _module(model, self.spec.embed_module)
         prefix = self.spec.embed_module + "."
         state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
         embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
-        first = _module(model, self.spec.layers_module)[0]
-
-        def catch(_mod, args, kwargs):
-            raise _Caught(args, kwargs)
-
-        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        layers = list(_module(model, self.spec.layers_module))[: self.num_layers]
         base = _module(model, self.spec.layers_module.rpartition(".")[0])
         hidden, kwargs_list = [], []
         per_batch = max(1, self.s.batch_tokens // blocks.shape[1])
         try:
             for s in range(0, blocks.shape[0], per_batch):
-                try:
-                    with torch.no_grad():
-                        base(input_ids=blocks[s : s + per_batch].to(dev), use_cache=False)
-                except _Caught as caught:
-                    args, kwargs = caught.args_, dict(caught.kwargs_)
-                    h = args[0] if args else kwargs.pop("hidden_states")
-                    hidden.append(h.to(cdt))
-                    kwargs_list.append(kwargs)
+                h, per_layer = catch_layer_inputs(base, layers, blocks[s : s + per_batch].to(dev))
+                hidden.append(h.to(cdt))
+                kwargs_list.append(per_layer)
         finally:
-            handle.remove()
             embed.to("meta")
         return hidden, kwargs_list
 
     def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block renamed)."""
         prefix = self.spec.layer_prefix(layer_idx)
-        moe_disk, moe_mem = self.spec.moe_disk + ".", self.spec.moe_module + "."
-        state = {}
-        for key, value in tensors.items():
-            rel = key[len(prefix):]
-            if rel.startswith(moe_disk):
-                rel = moe_mem + rel[len(moe_disk):]
-            state[rel] = value
-        return state
+        return {self.spec.memory_name(key[len(prefix):]): value for key, value in tensors.items()}
 
     def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
         """Load `state` into a meta module; parameters under the prefix `skip` may stay on the meta device."""
@@ -343,7 +343,7 @@ class StreamingMerger:
         router = tensors[spec.router_key(layer_idx)]
         bias_key = spec.bias_key(layer_idx)
         bias = tensors[bias_key] if bias_key else None
-        routing = replace(self.routing, bias=None if bias is None else bias.float())
+        routing = replace(self.routing, bias=None if bias is None else bias.float().reshape(-1))
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
@@ -368,7 +368,7 @@ class StreamingMerger:
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
         merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key}
-        new_bias = None if bias is None else plan.bias.to(bias.dtype)
+        new_bias = None if bias is None else plan.bias.to(bias.dtype).reshape(*bias.shape[:-1], self.s.keep)
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))

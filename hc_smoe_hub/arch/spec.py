@@ -52,6 +52,9 @@ class ArchSpec:
     embed_module: str = "model.embed_tokens"
     layers_module: str = "model.layers"
     shared_expert_note: str = ""
+    # (on-disk, in-memory) name prefixes relative to the decoder layer, after the MoE block's own rename: the
+    # renames of the family's transformers conversion mapping (Phi-3.5-MoE's `gate` is `router` in memory).
+    memory_renames: tuple[tuple[str, str], ...] = ()
 
     # ---------- config ----------
     def cfg(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -62,11 +65,22 @@ class ArchSpec:
         c = self.cfg(config)
         for key in self.expert_count_keys:
             if c.get(key):
+                if isinstance(c[key], list):  # Hunyuan's config may give one count per layer
+                    raise UnsupportedModelError(f"{key} is a per-layer list: {self.family} models whose layers "
+                                                "have different expert counts are not supported")
                 return int(c[key])
         raise UnsupportedModelError(f"config.json has none of {self.expert_count_keys}: not a {self.family} MoE")
 
     def top_k(self, config: dict[str, Any]) -> int:
-        return int(self.cfg(config)[self.top_k_key])
+        """The routed experts per token; a per-layer list (Hunyuan's `moe_topk`) must hold one value."""
+        value = self.cfg(config)[self.top_k_key]
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise UnsupportedModelError(
+                    f"{self.top_k_key} differs between layers ({sorted(set(value))}): per-layer top-k is not "
+                    f"supported; only {self.family} configs with one top-k for every layer can be merged")
+            value = value[0]
+        return int(value)
 
     def renormalizes(self, config: dict[str, Any]) -> bool:
         return self.routing(config).renormalize
@@ -85,6 +99,10 @@ class ArchSpec:
     def check_keep(self, config: dict[str, Any], keep: int) -> None:
         """Refuse a K the reduced model cannot route (grouped top-k), from config.json alone."""
         c = self.cfg(config)
+        if keep < self.scoring.min_keep:
+            raise HcSmoeError(
+                f"--keep {keep} is too few for {self.family}'s {self.scoring.scores} router, which always routes "
+                f"each token to {self.scoring.min_keep} experts: use --keep {self.scoring.min_keep} or more")
         valid = self.scoring.valid_keeps(c, self.num_experts(config), self.top_k(config))
         if valid is None or keep in valid:
             return
@@ -98,7 +116,10 @@ class ArchSpec:
     def reduced_fields(self, config: dict[str, Any], keep: int) -> dict[str, Any]:
         """The language-model config fields that change: expert counts, top-k, extra (MTP) layer counts."""
         out: dict[str, Any] = {key: keep for key in self.expert_count_keys}
-        out[self.top_k_key] = min(self.top_k(config), keep)
+        top_k = self.cfg(config)[self.top_k_key]
+        # A per-layer list stays a list of the same length (every entry is equal, `top_k` checks).
+        out[self.top_k_key] = ([min(self.top_k(config), keep)] * len(top_k) if isinstance(top_k, list)
+                               else min(self.top_k(config), keep))
         out.update(self.extra_layers.reduced(self.cfg(config)))
         return out
 
@@ -135,9 +156,13 @@ class ArchSpec:
                         "routed_scaling_factor": r.scale},
             "moe_layers": self.moe_layer_ids(config),
         }
+        if r.scoring == "sparsemixer":
+            out["routing"]["jitter_eps"] = r.jitter_eps
         if extra:
             out["mtp_layers"] = {"count": extra, "action": "dropped",
                                  "config": self.extra_layers.reduced(self.cfg(config))}
+            if self.extra_layers.key_prefixes:
+                out["mtp_layers"]["keys"] = [f"{p}*" for p in self.extra_layers.key_prefixes]
         if self.load_as:
             out["written_as"] = self.load_as
         return out
@@ -152,6 +177,16 @@ class ArchSpec:
     def bias_key(self, layer: int) -> str | None:
         """On-disk key of the per-expert selection bias of one layer, when the family has one."""
         return f"{self.layer_prefix(layer)}{self.moe_disk}.{self.scoring.bias}" if self.scoring.bias else None
+
+    def memory_name(self, rel: str) -> str:
+        """A decoder layer's on-disk tensor name (relative to the layer) as the transformers module names it."""
+        moe_disk = self.moe_disk + "."
+        if rel.startswith(moe_disk):
+            rel = self.moe_module + "." + rel[len(moe_disk):]
+        for disk, memory in self.memory_renames:
+            if rel.startswith(disk):
+                return memory + rel[len(disk):]
+        return rel
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         """On-disk keys of (gate, up, down) of one expert."""
