@@ -47,6 +47,10 @@ class Routing:
     scored by the sum of its two best (biased) scores or by its best one; the chosen weights are renormalized to sum
     to one when `renormalize` (denominator + `renorm_eps`), then multiplied by `scale` (`routed_scaling_factor`).
     The defaults are Mixtral / Qwen-MoE / OLMoE routing: softmax, top-k, optional renormalization.
+    `scoring` "topk-softmax" (Granite MoE; gpt-oss) chooses the top-k on the fp32 logits (plus `bias`, for the
+    choice only) and takes the softmax over the k chosen logits: normalized by construction, so it is the softmax
+    top-k with renormalization in exact arithmetic (`scores` is the full softmax, and rows set `renormalize`),
+    but computed as the module computes it.
     """
 
     top_k: int
@@ -62,7 +66,8 @@ class Routing:
     @property
     def plain_softmax(self) -> bool:
         """Softmax, top-k, optional renormalization and nothing else (the closed forms of subset_search hold)."""
-        return (self.scoring == "softmax" and self.bias is None and self.grouping == "none" and self.scale == 1.0)
+        softmax = self.scoring == "softmax" or (self.scoring == "topk-softmax" and self.renormalize)
+        return softmax and self.bias is None and self.grouping == "none" and self.scale == 1.0
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The router's scores in fp32: the probabilities a group of experts' share is measured in."""
@@ -100,6 +105,11 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
         # DeepSeek-V3 / GLM mask the biased scores with -inf, DeepSeek-V2 its scores with 0.
         choice = choice.masked_fill(~mask, float("-inf") if routing.grouping == "top2-sum" else 0.0)
     k = min(routing.top_k, n)
+    if routing.scoring == "topk-softmax":
+        logits32 = logits.float()
+        indices = torch.topk(logits32 if routing.bias is None else choice_logits(logits32, routing), k, dim=-1).indices
+        weights = torch.softmax(logits32.gather(-1, indices), dim=-1)  # already sums to one: no renormalization
+        return (weights * routing.scale if routing.scale != 1.0 else weights), indices
     if routing.bias is None and routing.grouping == "none":
         weights, indices = torch.topk(scores, k, dim=-1)
     else:
@@ -110,6 +120,11 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
     if routing.scale != 1.0:
         weights = weights * routing.scale
     return weights, indices
+
+
+def choice_logits(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """fp32 logits plus the selection-only bias: what a "topk-softmax" router chooses its top-k on."""
+    return logits.float() + routing.bias.to(logits.device, torch.float32)
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation,
