@@ -145,7 +145,7 @@ class StreamingMerger:
         plan = []
         for key in self._ordered_keys():
             layer = self._layer_of(key)
-            if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
+            if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
             shape = (keep, *info.shape[1:]) if key in routers else expert_shapes.get(key, info.shape)
@@ -176,7 +176,7 @@ class StreamingMerger:
         release_freed_memory()
         dev = self.s.device
         for key in self._ordered_keys():
-            if not key.startswith(self.spec.layers_prefix):
+            if not key.startswith(self.spec.layers_prefix) and not self._extra(key):
                 writer.write_chunks(key, self.src.copy_raw(key))
         writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
                             and self._layer_of(k) < start_layer)
@@ -184,7 +184,8 @@ class StreamingMerger:
         rotary = model.get_submodule(self.spec.rotary_module.rpartition(".")[0])
         rotary = getattr(rotary, self.spec.rotary_module.rpartition(".")[2], None)
         if rotary is not None:  # None: a model without position embeddings (Granite 4.0 hybrids, "nope")
-            _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
+            # The rotary module's own config: the text config, when the model's config is a composite one.
+            _set_module(model, self.spec.rotary_module, type(rotary)(config=rotary.config).to(dev))
         # The embedding pass also yields each batch's mask and rotary arguments, which a resumed run needs too.
         hidden, layer_kwargs = self._embed(model, blocks)
         if start_layer:
@@ -209,6 +210,11 @@ class StreamingMerger:
                 on_finished(layer_idx + 1, records, hidden)
         return records
 
+    def _extra(self, key: str) -> bool:
+        """Whether a key belongs to the extra (MTP) layers, which are dropped."""
+        layer = self._layer_of(key)
+        return (layer is not None and layer >= self.num_layers) or self.spec.extra_layers.holds(key)
+
     def _layer_of(self, key: str) -> int | None:
         """The decoder layer an on-disk key belongs to, or None for embeddings, final norm and head."""
         prefix = self.spec.layers_prefix
@@ -217,7 +223,7 @@ class StreamingMerger:
     def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
         dev, cdt = self.s.device, self.s.compute_dtype
         embed = _module(model, self.spec.embed_module)
-        prefix = self.spec.embed_module + "."
+        prefix = (self.spec.embed_disk or self.spec.embed_module) + "."
         state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
         embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
         first = _module(model, self.spec.layers_module)[0]

@@ -32,7 +32,9 @@ class ArchSpec:
     (Granite: `router.layer.weight` on disk, `router.weight` in memory). `moe_siblings` are decoder-layer modules
     that take the MoE block's input and whose output is added to the block's (Granite's `shared_mlp`), and
     `residual_scale_key` the config key of the factor that sum is multiplied by before the residual is added
-    (Granite's `residual_multiplier`).
+    (Granite's `residual_multiplier`). `layers_prefix` is the decoder layers' on-disk prefix, `layers_module`,
+    `embed_module` and `rotary_module` their places in the model the engine builds (`embed_disk`: the
+    embedding's on-disk name where it differs, as in a vision-language checkpoint read by the text-only class).
     """
 
     family: str
@@ -58,6 +60,7 @@ class ArchSpec:
     layers_prefix: str = "model.layers."
     rotary_module: str = "model.rotary_emb"
     embed_module: str = "model.embed_tokens"
+    embed_disk: str | None = None  # the embedding's on-disk name when it differs (Qwen3.5's model.language_model.)
     layers_module: str = "model.layers"
     shared_expert_note: str = ""
 

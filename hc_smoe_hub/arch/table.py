@@ -139,6 +139,26 @@ SPECS: tuple[ArchSpec, ...] = (
         shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied",
     ),
     ArchSpec(
+        family="Qwen3.5 / Qwen3.6 MoE",
+        model_types=("qwen3_5_moe",),
+        expert_count_keys=("num_experts",),
+        hub_example="Qwen/Qwen3.5-397B-A17B",
+        tested="tiny vision-language checkpoint in the Hub's layout, fused experts and `mtp.*` weights "
+        "(tests/test_qwen3_5_moe.py): default and --paper, keep N identical, stock load, reduced router routes as "
+        "planned; calibration without padding only",
+        # The Hub repos are vision-language checkpoints (`text_config`, `model.language_model.*`); the engine runs
+        # the text-only class AutoModelForCausalLM builds for them (`model.layers`), which loads the output too.
+        text_config="text_config",
+        layers_prefix="model.language_model.layers.",
+        embed_disk="model.language_model.embed_tokens",
+        storage=Fused(),
+        scoring=Scoring(renormalize="always"),
+        extra_layers=ExtraLayers(count_keys=("mtp_num_hidden_layers",), key_prefixes=("mtp.",)),
+        shared_expert_note="fused experts, written back fused; shared_expert and its gate, the Gated DeltaNet "
+        "layers and the vision tower (`model.visual.*`) copied unchanged; MTP weights (`mtp.*`) dropped "
+        "(`mtp_num_hidden_layers` set to 0)",
+    ),
+    ArchSpec(
         family="Granite MoE (3.0 / 3.1)",
         model_types=("granitemoe",),
         hub_example="ibm-granite/granite-3.1-3b-a800m-instruct",
