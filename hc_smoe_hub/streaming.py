@@ -125,17 +125,18 @@ class StreamingMerger:
         # fails here, before any calibration.
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.hf_config)
+        self.storage = spec.storage_in(source, self.moe_layers[0], self.n_experts)  # the layout this source has
         for layer in self.moe_layers:
-            spec.storage.check(source, spec.experts_base(layer), self.n_experts)
+            self.storage.check(source, spec.experts_base(layer), self.n_experts)
         self.residual_scale = spec.residual_scale(config)
 
     # ---------- output plan ----------
     def output_plan(self) -> list[OutputTensor]:
-        keep, storage = self.s.keep, self.spec.storage
+        keep, storage = self.s.keep, self.storage
         expert_keys: set[str] = set()
         expert_shapes: dict[str, tuple[int, ...]] = {}  # the storage's output keys of K experts, with their shapes
         for layer in self.moe_layers:
-            keys = self.spec.layer_expert_keys(layer, self.n_experts)
+            keys = storage.keys(self.spec.experts_base(layer), self.n_experts)
             expert_keys.update(keys)
             expert_shapes.update(storage.output_shapes(self.spec.experts_base(layer), self.n_experts, keep,
                                                        {k: self.src.tensors[k].shape for k in keys}))
@@ -362,7 +363,7 @@ class StreamingMerger:
             for key in keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
             return None
-        expert_keys = set(spec.layer_expert_keys(layer_idx, self.n_experts))
+        expert_keys = set(self.storage.keys(spec.experts_base(layer_idx), self.n_experts))
         tensors = self.src.read([k for k in keys if k not in expert_keys], dev)
         experts = self._read_experts(layer_idx)
         router = tensors[spec.router_key(layer_idx)]
@@ -400,7 +401,7 @@ class StreamingMerger:
         writer.write(spec.router_key(layer_idx), merged_router)
         if bias_key:
             writer.write(bias_key, new_bias)
-        spec.storage.write(writer, spec.experts_base(layer_idx), plan.experts)
+        self.storage.write(writer, spec.experts_base(layer_idx), plan.experts)
         groups, extra = plan.groups, plan.extra
         del plan
 
@@ -428,7 +429,7 @@ class StreamingMerger:
         base = self.spec.experts_base(layer_idx)
         mats: list[torch.Tensor] = []
         for e in range(n):
-            one = self.spec.storage.read_expert(self.src, base, e, dev)
+            one = self.storage.read_expert(self.src, base, e, dev)
             if not mats:
                 mats = [torch.empty((n, *t.shape), dtype=t.dtype, device=dev) for t in one]
             for mat, t in zip(mats, one, strict=True):

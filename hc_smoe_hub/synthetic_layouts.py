@@ -34,9 +34,10 @@ QWEN3_5_VISION: dict[str, Any] = {"depth": 1, "hidden_size": 16, "intermediate_s
 _PER_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
-def build_tiny_qwen3_5_moe(directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+def build_tiny_qwen3_5_moe(directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, fused: bool = True,
                            **text_overrides: Any) -> Path:
-    """A tiny Qwen3.5-MoE vision-language checkpoint (and tokenizer) in the Hub's layout, one shard per layer."""
+    """A tiny Qwen3.5-MoE vision-language checkpoint (and tokenizer) in the Hub's layout, one shard per layer;
+    `fused=False` keeps the per-expert keys transformers 5 saves (a fine-tune saved with `save_pretrained`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -55,7 +56,7 @@ def build_tiny_qwen3_5_moe(directory: Path, *, seed: int = 0, dtype: torch.dtype
             tensors.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (safe_open is no dict)
         path.unlink()
     (directory / "model.safetensors.index.json").unlink(missing_ok=True)
-    tensors = _fuse_experts(tensors)
+    tensors = _fuse_experts(tensors) if fused else tensors
     tensors |= _mtp_tensors(text, dtype)
     _save_by_layer(directory, tensors)
     cfg = json.loads((directory / "config.json").read_text())

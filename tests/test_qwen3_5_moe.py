@@ -91,6 +91,24 @@ def test_reduced_checkpoint_stays_fused_loads_and_routes_as_planned(paper, qwen3
         assert torch.allclose(got_w, exp_w, atol=1e-6)
 
 
+def test_a_per_expert_source_stays_per_expert(merge_args, tmp_path):
+    """A Qwen3.5-MoE saved by transformers 5 (per-expert keys, the row's other storage) is merged in that layout."""
+    src = build_tiny_qwen3_5_moe(tmp_path / "src", fused=False)
+    assert "model.language_model.layers.0.mlp.experts.7.up_proj.weight" in SourceCheckpoint(src)
+    for keep in (8, KEEP):
+        out = tmp_path / f"out{keep}"
+        run_cli(src, out, keep, merge_args)
+        model, info = load(out)
+        assert not any(info.values()), info
+        a, b = SourceCheckpoint(src), SourceCheckpoint(out)
+        experts = {k for k in b.tensors if ".mlp.experts." in k}
+        assert experts == {k for k in a.tensors if ".mlp.experts." in k and not k.startswith("mtp.")
+                           and int(k.split(".experts.")[1].split(".")[0]) < keep}
+        with torch.no_grad():
+            logits = model(IDS).logits
+            assert torch.equal(logits, load(src)[0](IDS).logits) if keep == 8 else torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "granitemoehybrid"])
 def test_the_engine_sees_the_moe_inputs_the_model_computes(family, merge_args, tmp_path, monkeypatch):
     """Keeping every expert, sequentially: every MoE layer's input as the engine computed it (attention or

@@ -8,6 +8,7 @@ read from these fields, never from the family's name.
 from __future__ import annotations
 
 import copy
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class ArchSpec:
     router: str = "gate.weight"
     router_memory: str | None = None
     storage: ExpertStorage = field(default_factory=PerExpert)
+    # Other layouts the family is found in (Qwen3.5: fused on the Hub, per expert when saved by transformers 5),
+    # used when the first layer's keys of `storage` are absent; the output keeps the layout the source has.
+    other_storages: tuple[ExpertStorage, ...] = ()
     moe_siblings: tuple[str, ...] = ()
     residual_scale_key: str | None = None
     top_k_key: str = "num_experts_per_tok"
@@ -168,9 +172,13 @@ class ArchSpec:
         """The prefix the storage strategy's keys are relative to: the layer's MoE block on disk."""
         return f"{self.layer_prefix(layer)}{self.moe_disk}."
 
-    def layer_expert_keys(self, layer: int, n: int) -> list[str]:
-        """Every on-disk key holding one layer's n routed experts."""
-        return self.storage.keys(self.experts_base(layer), n)
+    def storage_in(self, keys: Container[str], layer: int, n: int) -> ExpertStorage:
+        """The storage whose keys of `layer` are all in `keys` (the first one when none: its check names what is
+        missing)."""
+        for storage in (self.storage, *self.other_storages):
+            if all(k in keys for k in storage.keys(self.experts_base(layer), n)):
+                return storage
+        return self.storage
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         """On-disk keys of (gate, up, down) of one expert, for per-expert storage only."""
