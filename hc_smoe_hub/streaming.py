@@ -145,7 +145,6 @@ class StreamingMerger:
         routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
-            layer = self._layer_of(key)
             if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
@@ -332,10 +331,10 @@ class StreamingMerger:
         it that take the same input (`moe_siblings`), times the residual scale when the family has one."""
         names = (self.spec.moe_module, *self.spec.moe_siblings)
         parts = [layer.get_submodule(name) for name in names]
-        for name, part in zip(names, parts, strict=True):
-            self._load(part, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         scale = self.residual_scale
         try:
+            for name, part in zip(names, parts, strict=True):
+                self._load(part, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             with torch.no_grad():
                 start = 0
                 for i, h in enumerate(hidden):
