@@ -49,6 +49,10 @@ class Routing:
     The defaults are Mixtral / Qwen-MoE / OLMoE routing: softmax, top-k, optional renormalization.
     `scoring` "sparsemixer" is Phi-3.5-MoE's inference routing (`_sparsemixer`, two experts whatever `top_k`, with
     the margin `jitter_eps`); its `scores` are the softmax, the probabilities statistics and router fits use.
+    `scoring` "topk-softmax" (Granite MoE; gpt-oss) chooses the top-k on the fp32 logits (plus `bias`, for the
+    choice only) and takes the softmax over the k chosen logits: normalized by construction, so it is the softmax
+    top-k with renormalization in exact arithmetic (`scores` is the full softmax, and rows set `renormalize`),
+    but computed as the module computes it.
     """
 
     top_k: int
@@ -65,7 +69,8 @@ class Routing:
     @property
     def plain_softmax(self) -> bool:
         """Softmax, top-k, optional renormalization and nothing else (the closed forms of subset_search hold)."""
-        return (self.scoring == "softmax" and self.bias is None and self.grouping == "none" and self.scale == 1.0)
+        softmax = self.scoring == "softmax" or (self.scoring == "topk-softmax" and self.renormalize)
+        return softmax and self.bias is None and self.grouping == "none" and self.scale == 1.0
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The router's scores in fp32: the probabilities a group of experts' share is measured in."""
@@ -105,6 +110,11 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
         # DeepSeek-V3 / GLM mask the biased scores with -inf, DeepSeek-V2 its scores with 0.
         choice = choice.masked_fill(~mask, float("-inf") if routing.grouping == "top2-sum" else 0.0)
     k = min(routing.top_k, n)
+    if routing.scoring == "topk-softmax":
+        logits32 = logits.float()
+        indices = torch.topk(logits32 if routing.bias is None else choice_logits(logits32, routing), k, dim=-1).indices
+        weights = torch.softmax(logits32.gather(-1, indices), dim=-1)  # already sums to one: no renormalization
+        return (weights * routing.scale if routing.scale != 1.0 else weights), indices
     if routing.bias is None and routing.grouping == "none":
         weights, indices = torch.topk(scores, k, dim=-1)
     else:
@@ -129,6 +139,11 @@ def _sparsemixer(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
     far = (top2_val - scores) / scores.abs().clamp(min=top2_val) > 2 * eps
     w2 = torch.softmax(rest.masked_fill(far, float("-inf")), dim=-1).gather(-1, top2)
     return torch.cat((w1, w2), dim=-1), torch.cat((top1, top2), dim=-1)
+
+
+def choice_logits(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """fp32 logits plus the selection-only bias: what a "topk-softmax" router chooses its top-k on."""
+    return logits.float() + routing.bias.to(logits.device, torch.float32)
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation,

@@ -33,8 +33,10 @@ class Scoring:
     """Router scoring of one family.
 
     `scores`: "softmax" (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2, ERNIE-4.5, Hunyuan), "sigmoid" (DeepSeek-V3, Kimi K2,
-    GLM-4.5, MiniMax-M2) or "sparsemixer" (Phi-3.5-MoE: always two experts, each weighted by a softmax over the
-    logits within `jitter_key`'s relative margin of it, `routing.route`).
+    GLM-4.5, MiniMax-M2), "sparsemixer" (Phi-3.5-MoE: always two experts, each weighted by a softmax over the
+    logits within `jitter_key`'s relative margin of it, `routing.route`) or "topk-softmax" (Granite MoE, gpt-oss:
+    top-k on the logits, then the softmax over the k chosen; set `renormalize` "always", which it is in exact
+    arithmetic).
     `renormalize`: "always", "never" or the config key that decides (`norm_topk_prob`); DeepSeek-V2's transformers
     router never renormalizes, whatever its config says, and the rows follow the module, not the config.
     `bias`: the router tensor (relative to the MoE block on disk) added to the scores for the choice only.
@@ -132,7 +134,7 @@ class DenseLayers:
 class ExtraLayers:
     """Layers stored after the last decoder layer that the transformers class does not build (DeepSeek-V3 and
     GLM-4.5's multi-token-prediction layers `model.layers.{num_hidden_layers + i}.*`), or under their own
-    top-level `key_prefixes` (Qwen3-Next's `mtp.*`).
+    top-level `key_prefixes` (Qwen3-Next's and Qwen3.5's `mtp.*`).
 
     They are dropped from the output and every `count_keys` entry set to 0, so the reduced config says what the
     checkpoint holds; the provenance records it. Reducing them too would need the MTP head, which transformers
@@ -140,10 +142,11 @@ class ExtraLayers:
     """
 
     count_keys: tuple[str, ...] = ()
-    key_prefixes: tuple[str, ...] = ()  # on-disk keys outside the decoder layers that belong to them
+    key_prefixes: tuple[str, ...] = ()
 
     def holds(self, key: str) -> bool:
-        return key.startswith(self.key_prefixes) if self.key_prefixes else False
+        """Whether an on-disk key belongs to extra layers stored under their own prefix."""
+        return bool(self.key_prefixes) and key.startswith(self.key_prefixes)
 
     def count(self, config: dict[str, Any]) -> int:
         return max((int(config.get(k) or 0) for k in self.count_keys), default=0)

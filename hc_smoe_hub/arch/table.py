@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hc_smoe_hub.arch.spec import ArchSpec
+from hc_smoe_hub.arch.storage import Fused, PerExpert
 from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
 from hc_smoe_hub.errors import UnsupportedModelError
 
@@ -20,6 +21,20 @@ _SHARED = "shared_experts copied unchanged"
 _NEW_TESTED = ("tiny checkpoint (tests/test_families_per_expert.py): default and --paper, keep N identical, stock "
                "load, reduced router routes as planned, route() against the transformers router")
 _OLD_TESTED = "tiny checkpoint (tests/test_engine.py, tests/test_baselines.py): keep N identical, stock load, methods"
+# Granite MoE: fused `input_linear` (E, 2I, H) / `output_linear` (E, H, I) experts, router `router.layer`, top-k on
+# the logits then softmax over the k chosen, and `residual_multiplier` scaling the MoE (plus shared MLP) output.
+_GRANITE = dict(
+    expert_count_keys=("num_local_experts",),
+    moe_disk="block_sparse_moe",
+    moe_module="block_sparse_moe",
+    router="router.layer.weight",
+    router_memory="router.weight",
+    storage=Fused(gate_up="input_linear.weight", down="output_linear.weight"),
+    scoring=Scoring(scores="topk-softmax", renormalize="always"),
+    residual_scale_key="residual_multiplier",
+)
+_GRANITE_TESTED = ("tiny checkpoint in the Hub's fused layout (tests/test_granite.py): default and --paper, keep N "
+                   "identical, stock load, reduced router routes as planned")
 
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -29,9 +44,7 @@ SPECS: tuple[ArchSpec, ...] = (
         hub_example="mistralai/Mixtral-8x7B-v0.1",
         tested=_OLD_TESTED,
         moe_disk="block_sparse_moe",
-        expert_gate="experts.{e}.w1.weight",
-        expert_up="experts.{e}.w3.weight",
-        expert_down="experts.{e}.w2.weight",
+        storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
         scoring=Scoring(renormalize="always"),
         shared_expert_note="`block_sparse_moe` on disk",
     ),
@@ -145,9 +158,7 @@ SPECS: tuple[ArchSpec, ...] = (
         hub_example="MiniMaxAI/MiniMax-M2",
         tested=_NEW_TESTED + "; BF16 only: the Hub repo is FP8 and refused for now",
         moe_disk="block_sparse_moe",
-        expert_gate="experts.{e}.w1.weight",
-        expert_up="experts.{e}.w3.weight",
-        expert_down="experts.{e}.w2.weight",
+        storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
         # transformers' MiniMaxM2TopKRouter: sigmoid, the block's e_score_correction_bias for the choice only, always
         # renormalized, no groups, no scaling.
         scoring=Scoring(scores="sigmoid", renormalize="always", bias="e_score_correction_bias"),
@@ -191,15 +202,70 @@ SPECS: tuple[ArchSpec, ...] = (
         hub_example="microsoft/Phi-3.5-MoE-instruct",
         tested=_NEW_TESTED,
         moe_disk="block_sparse_moe",
-        expert_gate="experts.{e}.w1.weight",
-        expert_up="experts.{e}.w3.weight",
-        expert_down="experts.{e}.w2.weight",
+        storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
         scoring=Scoring(scores="sparsemixer", renormalize="never", jitter_key="router_jitter_noise"),
         memory_renames=(("mlp.gate.", "mlp.router."),),  # transformers' PhimoeSparseMoeBlock calls it `router`
         shared_expert_note="`block_sparse_moe` on disk; sparsemixer routing (two experts, `router_jitter_noise` "
         "margin) reproduced by `route()`; `--keep` must be at least 2",
     ),
+    ArchSpec(
+        family="Qwen3.5 / Qwen3.6 MoE",
+        model_types=("qwen3_5_moe",),
+        expert_count_keys=("num_experts",),
+        hub_example="Qwen/Qwen3.5-397B-A17B",
+        tested="tiny vision-language checkpoint in the Hub's layout, fused experts and `mtp.*` weights "
+        "(tests/test_qwen3_5_moe.py): default and --paper, keep N identical, stock load, reduced router routes as "
+        "planned",
+        # The Hub repos are vision-language checkpoints (`text_config`, `model.language_model.*`); the engine runs
+        # the text-only class AutoModelForCausalLM builds for them (`model.layers`), which loads the output too.
+        text_config="text_config",
+        layers_prefix="model.language_model.layers.",
+        embed_disk="model.language_model.embed_tokens",
+        storage=Fused(),
+        other_storages=(PerExpert(),),  # as transformers 5's save_pretrained writes it
+        scoring=Scoring(renormalize="always"),
+        extra_layers=ExtraLayers(count_keys=("mtp_num_hidden_layers",), key_prefixes=("mtp.",)),
+        shared_expert_note="fused experts, written back fused; shared_expert and its gate, the Gated DeltaNet "
+        "layers and the vision tower (`model.visual.*`) copied unchanged; MTP weights (`mtp.*`) dropped "
+        "(`mtp_num_hidden_layers` set to 0)",
+    ),
+    ArchSpec(
+        family="Granite MoE (3.0 / 3.1)",
+        model_types=("granitemoe",),
+        hub_example="ibm-granite/granite-3.1-3b-a800m-instruct",
+        tested=_GRANITE_TESTED,
+        shared_expert_note="fused experts on disk, written back fused; top-k then softmax router",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="Granite MoE with shared experts",
+        model_types=("granitemoeshared",),
+        hub_example="ibm-research/moe-7b-1b-active-shared-experts",
+        tested=_GRANITE_TESTED,
+        moe_siblings=("shared_mlp",),
+        shared_expert_note="fused experts, written back fused; `shared_mlp` copied unchanged",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="Granite 4.0 hybrid (Mamba-2 + attention, MoE)",
+        model_types=("granitemoehybrid",),
+        hub_example="ibm-granite/granite-4.0-h-tiny",
+        tested=_GRANITE_TESTED + "",
+        moe_siblings=("shared_mlp",),
+        shared_expert_note="fused experts, written back fused; `shared_mlp` and the Mamba-2 mixers copied unchanged",
+        **_GRANITE,
+    ),
 )
+
+
+# MoE families that are known and refused on purpose: model_type -> why, in one line (shown to the user).
+NOT_SUPPORTED: dict[str, str] = {
+    "llama4": "Llama 4 (llama4) is not supported: its router's top-1 sigmoid score multiplies each expert's INPUT "
+    "(E(s*x), not s*E(x)), and the merge statistics, the merging methods and their refits all assume output "
+    "weighting, so a merged Llama 4 would be wrong; its fused transposed experts (E, H, 2I) could be read "
+    "(arch/storage.Fused(transposed=True)) but the routing math is not done",
+}
+NOT_SUPPORTED["llama4_text"] = NOT_SUPPORTED["llama4"]
 
 
 def supported_families() -> str:
@@ -230,6 +296,8 @@ def _check_format(config: dict[str, Any]) -> None:
 def spec_for(config: dict[str, Any]) -> ArchSpec:
     """The spec of a config.json, or a one-line refusal naming the supported families."""
     model_type = config.get("model_type", "<missing>")
+    if model_type in NOT_SUPPORTED:
+        raise UnsupportedModelError(f"{NOT_SUPPORTED[model_type]}; supported: {supported_families()}")
     for spec in SPECS:
         if model_type in spec.model_types:
             _check_format(config)
