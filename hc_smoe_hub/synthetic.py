@@ -92,6 +92,8 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     # Mamba-2 and attention layers (layer_types), no position embeddings, as the Granite 4.0 hybrids.
     "granitemoehybrid": {"model_type": "granitemoehybrid", **_GRANITE, "shared_intermediate_size": 24,
                          "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                         # The Hub's configs name them as transformers 4 did; transformers 5 remaps them on load.
+                         "hub_fields": {"layer_types": ["mamba", "attention", "mamba"]},
                          "position_embedding_type": "nope",
                          "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 16},
 }
@@ -114,6 +116,7 @@ def tiny_config(family: str, num_layers: int = 3, hidden: int = 32, **overrides:
     model_type = fields.pop("model_type")
     fields.pop("written_as", None)
     fields.pop("mtp_keys", None)
+    fields.pop("hub_fields", None)
     fields = {**dict(vocab_size=320, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
                      pad_token_id=1, tie_word_embeddings=False), **fields, **overrides}
@@ -143,6 +146,10 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
         _add_prefixed_mtp(directory, mtp_keys, num_layers, hidden, seed, dtype)
     elif mtp:
         _add_mtp_layers(directory, family, num_layers, mtp, hidden, seed, dtype, overrides)
+    hub_fields = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("hub_fields")
+    if hub_fields:  # config.json as the Hub's checkpoints hold it
+        cfg_path = directory / "config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **hub_fields}, indent=2))
     written_as = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("written_as")
     if written_as:  # e.g. Kimi K2: a DeepSeek-V3 whose config names its own model_type and remote code
         cfg_path = directory / "config.json"
