@@ -13,10 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_refusals import refuse
+from test_resume import assert_identical, count_method_calls, crash_after_layer
 from transformers import AutoModelForCausalLM
 
+from hc_smoe_hub.calibration import CalibrationSpec
 from hc_smoe_hub.checkpoint import OutputTensor, SourceCheckpoint
 from hc_smoe_hub.cli import main
+from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
 from hc_smoe_hub.quant import Fp8BlockFormat, Mxfp4Format
 from hc_smoe_hub.quant.io import QuantSource, QuantWriter, disk_plan
 from hc_smoe_hub.synthetic import build_tiny_moe
@@ -144,6 +147,20 @@ def test_dtype_bfloat16_writes_the_whole_model_dequantized(fp8_models, merge_arg
         "source_format": "fp8 e4m3, 128x128 block scales (weight_scale_inv)", "output": "dequantized",
         "output_format": "bfloat16"}
     assert "**Dequantized weights:**" in (out / "README.md").read_text()
+
+
+def test_interrupted_fp8_merge_resumes_to_the_uninterrupted_result(fp8_models, calib_file, tmp_path, monkeypatch):
+    def request(out: Path, **changes) -> MergeRequest:
+        return MergeRequest(source=str(fp8_models["deepseek_v3"]), keep="8", output_dir=out,
+                            calibration=CalibrationSpec(str(calib_file), 4, 64), device="cpu", **changes)
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    merge_checkpoint(request(reference))
+    crash_after_layer(monkeypatch, request(out))  # layer 0 (dense) and layer 1 (MoE) finished
+    calls = count_method_calls(monkeypatch)
+    merge_checkpoint(request(out, resume=True))
+    assert calls == [2]
+    assert_identical(out, reference)  # the re-quantized experts and their scales included
 
 
 def _with_config(src: Path, dst: Path, change) -> Path:
