@@ -17,6 +17,7 @@ from test_resume import assert_identical, count_method_calls, crash_after_layer
 from transformers import AutoModelForCausalLM
 
 from hc_smoe_hub.calibration import CalibrationSpec
+from hc_smoe_hub.card_writer import checkpoint_size
 from hc_smoe_hub.checkpoint import OutputTensor, SourceCheckpoint
 from hc_smoe_hub.cli import main
 from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
@@ -128,6 +129,8 @@ def test_merged_experts_are_requantized_and_load_with_stock_transformers(family,
     weights = prov["architecture"]["weights_format"]
     assert weights["output"] == "re-quantized" and weights["source_format"].startswith("fp8 e4m3, 128x128")
     assert "**Quantized weights:**" in (out / "README.md").read_text()
+    # the card counts parameters in their unquantized shapes: the scale tensors are not parameters
+    assert checkpoint_size(out)[0] == sum(t.numel() for t in model.state_dict().values())
 
 
 def test_dtype_bfloat16_writes_the_whole_model_dequantized(fp8_models, merge_args, tmp_path):
