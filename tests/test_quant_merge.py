@@ -21,7 +21,7 @@ from hc_smoe_hub.card_writer import checkpoint_size
 from hc_smoe_hub.checkpoint import OutputTensor, SourceCheckpoint
 from hc_smoe_hub.cli import main
 from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
-from hc_smoe_hub.quant import Fp8BlockFormat, Mxfp4Format
+from hc_smoe_hub.quant import Fp8BlockFormat, Mxfp4Format, output_config
 from hc_smoe_hub.quant.io import QuantSource, QuantWriter, disk_plan
 from hc_smoe_hub.synthetic import build_tiny_moe
 
@@ -184,9 +184,24 @@ def test_quantized_sources_the_tool_cannot_read_are_refused(fp8_models, merge_ar
            "per-tensor scales", "block-scaled FP8")
     refuse(capsys, [str(fp8_models["deepseek_v3"]), "--keep", "8", "--output-dir", str(out), *merge_args,
                     "--dtype", "float16"], out, "--dtype float16", "--dtype bfloat16")
+    unquantized = _with_config(build_tiny_moe(tmp_path / "bf16", "glm4_moe", dtype=torch.bfloat16),
+                               tmp_path / "claims_fp8",
+                               lambda c: c.update(quantization_config={"quant_method": "fp8",
+                                                                       "weight_block_size": [128, 128]}))
+    refuse(capsys, [str(unquantized), "--keep", "4", "--output-dir", str(out), *merge_args], out,
+           "declares fp8 quantization but no weight", "<key>_scale_inv")
     gptq = _with_config(fp8_models["glm4_moe"], tmp_path / "gptq",
                         lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}))
     refuse(capsys, [str(gptq), "--keep", "4", "--output-dir", str(out), *merge_args], out, "'gptq'")
+
+
+def test_output_config_keeps_or_removes_quantization_config_at_both_levels():
+    qcfg = {"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
+    config = {"model_type": "some_vlm", "quantization_config": qcfg, "text_config": {"quantization_config": qcfg}}
+    assert output_config(config, keep_quantized=True) == config
+    removed = output_config(config, keep_quantized=False)
+    assert "quantization_config" not in removed and "quantization_config" not in removed["text_config"]
+    assert config["text_config"]["quantization_config"] == qcfg  # the source's dict is not changed
 
 
 # ---------------------------------------------------------------- MXFP4 (gpt-oss key layout), I/O level only
