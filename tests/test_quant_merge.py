@@ -29,13 +29,16 @@ IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 FMT = Fp8BlockFormat()
 # family -> (N, a K < N its grouped routing accepts)
 FAMILIES = {"deepseek_v3": (16, 8), "glm4_moe": (8, 4)}
+# GLM-4.5's hidden size 256 gives its experts and attention two 128-wide blocks along one dim (DeepSeek-V3's one)
+HIDDEN = {"deepseek_v3": 32, "glm4_moe": 256}
 MTP_LAYER = 3  # the tiny checkpoints have 3 decoder layers and one MTP layer, which the merge drops
 
 
 @pytest.fixture(scope="module")
 def fp8_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fp8")
-    return {fam: build_tiny_moe(root / fam, fam, dtype=torch.bfloat16, fp8=True) for fam in FAMILIES}
+    return {fam: build_tiny_moe(root / fam, fam, hidden=HIDDEN[fam], dtype=torch.bfloat16, fp8=True,
+                                max_shard_size="200KB") for fam in FAMILIES}
 
 
 def run_cli(src: Path, out: Path, keep: int, merge_args: list[str], *extra: str) -> dict:
@@ -65,6 +68,9 @@ def test_synthetic_fp8_checkpoint_is_in_the_hub_layout(fp8_models):
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
                 "model.layers.1.input_layernorm.weight"):
         assert t[key].dtype == "BF16" and key + "_scale_inv" not in t, key
+    glm = SourceCheckpoint(fp8_models["glm4_moe"]).tensors
+    assert glm["model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"].shape == (1, 2)
+    assert glm["model.layers.1.mlp.experts.0.down_proj.weight_scale_inv"].shape == (2, 1)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
