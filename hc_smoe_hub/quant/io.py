@@ -39,9 +39,6 @@ class QuantSource:
         self.inner, self.fmt, self.dtype = inner, fmt, dtype
         self.dir = inner.dir
         disk = inner.tensors
-        groups: dict[str, list[str]] = {}
-        for key in disk:
-            groups.setdefault(fmt.weight_key_of(key), []).append(key)
         # logical key -> its on-disk keys, for the quantized weights only
         self.quantized: dict[str, list[str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
