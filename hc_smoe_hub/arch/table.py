@@ -80,7 +80,9 @@ SPECS: tuple[ArchSpec, ...] = (
         expert_count_keys=("n_routed_experts",),
         hub_example="deepseek-ai/DeepSeek-V3",
         tested="tiny checkpoint with an MTP layer (tests/test_families.py): default and --paper, keep N identical, "
-        "stock load, reduced router routes as planned; the Hub repos are FP8 and refused for now",
+        "stock load, reduced router routes as planned; FP8-block like the Hub repos (tests/test_quant_merge.py): "
+        "default and --paper re-quantized, keep N byte-identical, --dtype bfloat16 dequantized, stock CPU load, "
+        "resume",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,
@@ -93,7 +95,8 @@ SPECS: tuple[ArchSpec, ...] = (
         expert_count_keys=("n_routed_experts",),
         hub_example="moonshotai/Kimi-K2-Instruct",
         tested="tiny DeepSeek-V3 checkpoint whose config says kimi_k2 (tests/test_families.py): default method, keep "
-        "N identical, stock load; the Hub repos are FP8 (refused for now) and their tokenizer needs remote code",
+        "N identical, stock load; FP8 is read as for DeepSeek-V3 (not tested on a kimi_k2 config); the Hub repos' "
+        "tokenizer needs remote code",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,
@@ -108,7 +111,8 @@ SPECS: tuple[ArchSpec, ...] = (
         expert_count_keys=("n_routed_experts",),
         hub_example="zai-org/GLM-4.5-Air",
         tested="tiny checkpoint with an MTP layer (tests/test_families.py): default and --paper, keep N identical, "
-        "stock load, reduced router routes as planned",
+        "stock load, reduced router routes as planned; FP8-block (tests/test_quant_merge.py): default and --paper "
+        "re-quantized, keep N byte-identical, stock CPU load",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,
@@ -283,16 +287,6 @@ def supported_table() -> str:
     return "\n".join(lines)
 
 
-def _check_format(config: dict[str, Any]) -> None:
-    """Quantized sources the engine cannot read yet are refused from config.json alone."""
-    for c in (config, config.get("text_config") or {}):
-        qcfg = c.get("quantization_config") or {}
-        if qcfg.get("quant_method") == "fp8":
-            raise UnsupportedModelError(
-                f"this {config.get('model_type')} checkpoint is FP8 (quantization_config quant_method fp8, "
-                "weight_scale_inv block scales): FP8 sources are not supported yet; use a BF16 copy of the model")
-
-
 def spec_for(config: dict[str, Any]) -> ArchSpec:
     """The spec of a config.json, or a one-line refusal naming the supported families."""
     model_type = config.get("model_type", "<missing>")
@@ -300,7 +294,6 @@ def spec_for(config: dict[str, Any]) -> ArchSpec:
         raise UnsupportedModelError(f"{NOT_SUPPORTED[model_type]}; supported: {supported_families()}")
     for spec in SPECS:
         if model_type in spec.model_types:
-            _check_format(config)
             if not any(spec.cfg(config).get(k) for k in spec.expert_count_keys):
                 raise UnsupportedModelError(
                     f"this {model_type} config has no routed experts (dense model): nothing to merge; "
