@@ -166,7 +166,8 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
 
 
 def quantize_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
-    """Rewrite a saved checkpoint as DeepSeek-V3's FP8 releases are: every 2-D ``*_proj.weight`` of the decoder
+    """Rewrite a saved checkpoint as DeepSeek-V3's FP8 releases are: every 2-D ``*_proj.weight`` (or expert
+    ``w1``/``w2``/``w3``, MiniMax-M2) of the decoder
     layers (routed and shared experts per expert, attention, dense MLPs) as float8_e4m3fn plus a float32
     ``weight_scale_inv`` in the same shard; norms, routers, embeddings and the head unchanged; `quantization_config`
     added to config.json. Dims should be multiples of 128 or below it (transformers' CPU dequantizer mishandles
@@ -184,7 +185,9 @@ def quantize_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
             tensors = {k: h.get_tensor(k) for k in names}
         out: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
-            quantize = key.startswith("model.layers.") and key.endswith("_proj.weight") and value.ndim == 2
+            # *_proj (DeepSeek, GLM) and Mixtral-style w1/w2/w3 experts (MiniMax-M2)
+            quantize = key.startswith("model.layers.") and value.ndim == 2 and \
+                key.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))
             out.update(fmt.quantize(value, key) if quantize else {key: value})
         save_file(out, str(shard), metadata={"format": "pt"})
         if index is not None:

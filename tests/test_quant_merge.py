@@ -16,6 +16,7 @@ from test_refusals import refuse
 from test_resume import assert_identical, count_method_calls, crash_after_layer
 from transformers import AutoModelForCausalLM
 
+from hc_smoe_hub.architectures import spec_for
 from hc_smoe_hub.calibration import CalibrationSpec
 from hc_smoe_hub.card_writer import checkpoint_size
 from hc_smoe_hub.checkpoint import OutputTensor, SourceCheckpoint
@@ -28,9 +29,9 @@ from hc_smoe_hub.synthetic import build_tiny_moe
 IDS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 FMT = Fp8BlockFormat()
 # family -> (N, a K < N its grouped routing accepts)
-FAMILIES = {"deepseek_v3": (16, 8), "glm4_moe": (8, 4)}
+FAMILIES = {"deepseek_v3": (16, 8), "glm4_moe": (8, 4), "minimax_m2": (8, 4)}
 # GLM-4.5's hidden size 256 gives its experts and attention two 128-wide blocks along one dim (DeepSeek-V3's one)
-HIDDEN = {"deepseek_v3": 32, "glm4_moe": 256}
+HIDDEN = {"deepseek_v3": 32, "glm4_moe": 256, "minimax_m2": 32}
 MTP_LAYER = 3  # the tiny checkpoints have 3 decoder layers and one MTP layer, which the merge drops
 
 
@@ -56,7 +57,7 @@ def load(directory: Path, source: bool = False):
 
 
 def is_expert(key: str) -> bool:
-    return ".mlp.experts." in key
+    return ".mlp.experts." in key or ".block_sparse_moe.experts." in key
 
 
 def test_synthetic_fp8_checkpoint_is_in_the_hub_layout(fp8_models):
@@ -98,19 +99,20 @@ def test_merged_experts_are_requantized_and_load_with_stock_transformers(family,
     n, k = FAMILIES[family]
     prov = run_cli(src, out, k, merge_args, *(["--paper"] if paper else []))
     a, b = SourceCheckpoint(src), SourceCheckpoint(out)
+    spec = spec_for(json.loads((src / "config.json").read_text()))
     disk = b.read(b.keys())
     for layer in (1, 2):
         for e in range(n):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                key = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+            for key in spec.expert_keys(layer, e):
                 if e < k:
                     assert disk[key].dtype == torch.float8_e4m3fn and disk[key + "_scale_inv"].dtype == torch.float32
                     assert disk[key].shape == a.tensors[key].shape
                 else:
                     assert key not in disk and key + "_scale_inv" not in disk
-        assert disk[f"model.layers.{layer}.mlp.gate.weight"].shape[0] == k
+        assert disk[spec.router_key(layer)].shape[0] == k
     # what the merge does not change is copied still quantized, byte for byte (attention, shared experts, norms)
-    unchanged = [key for key in b.tensors if not is_expert(key) and ".mlp.gate." not in key]
+    routers = {spec.router_key(layer) for layer in range(3)} | {spec.bias_key(layer) for layer in range(3)}
+    unchanged = [key for key in b.tensors if not is_expert(key) and key not in routers]
     assert any(b.tensors[key].dtype == "F8_E4M3" for key in unchanged)
     assert all(b"".join(a.copy_raw(key)) == b"".join(b.copy_raw(key)) for key in unchanged)
     # the experts' share of the disk shrinks by K/N exactly (same shapes, same format per expert)
@@ -119,16 +121,16 @@ def test_merged_experts_are_requantized_and_load_with_stock_transformers(family,
         sum(a.tensors[key].nbytes for key in moe) * k
     model = load(out)
     params = dict(model.named_parameters())
-    inter = a.tensors["model.layers.1.mlp.experts.0.gate_proj.weight"].shape[0]
+    inter = a.tensors[spec.expert_keys(1, 0)[0]].shape[0]
     for layer in (1, 2):
-        gate_up = params[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
-        down = params[f"model.layers.{layer}.mlp.experts.down_proj"]
+        gate_up = params[f"model.layers.{layer}.{spec.moe_module}.experts.gate_up_proj"]
+        down = params[f"model.layers.{layer}.{spec.moe_module}.experts.down_proj"]
         assert gate_up.shape[0] == k and down.shape[0] == k
         for e in range(k):
-            base = f"model.layers.{layer}.mlp.experts.{e}."
-            assert torch.equal(gate_up[e, :inter], FMT.dequantize(disk, base + "gate_proj.weight"))
-            assert torch.equal(gate_up[e, inter:], FMT.dequantize(disk, base + "up_proj.weight"))
-            assert torch.equal(down[e], FMT.dequantize(disk, base + "down_proj.weight"))
+            gate, up, down_key = spec.expert_keys(layer, e)
+            assert torch.equal(gate_up[e, :inter], FMT.dequantize(disk, gate))
+            assert torch.equal(gate_up[e, inter:], FMT.dequantize(disk, up))
+            assert torch.equal(down[e], FMT.dequantize(disk, down_key))
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
