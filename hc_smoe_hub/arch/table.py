@@ -160,7 +160,8 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("minimax_m2",),
         expert_count_keys=("num_local_experts",),
         hub_example="MiniMaxAI/MiniMax-M2",
-        tested=_NEW_TESTED + "; block FP8 too, as the Hub repo is (tests/test_quant_merge.py: re-quantized output, stock load)",
+        tested=_NEW_TESTED + "; block FP8 too, as the Hub repo is (tests/test_quant_merge.py: re-quantized output, "
+        "stock load)",
         moe_disk="block_sparse_moe",
         storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
         # transformers' MiniMaxM2TopKRouter: sigmoid, the block's e_score_correction_bias for the choice only, always
