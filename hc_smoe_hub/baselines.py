@@ -63,7 +63,8 @@ def prune_plan(ctx: LayerContext, kept: list[int], extra: dict | None = None) ->
         raise ValueError(f"expected {ctx.keep} distinct experts, got {kept}")
     router = ctx.router[torch.tensor(kept, device=ctx.router.device)].clone()
     bias = None if ctx.routing.bias is None else ctx.routing.bias[kept].clone()
-    return LayerPlan([[i] for i in kept], ctx.experts.select(kept), router, extra or {}, bias)
+    logit_bias = None if ctx.routing.logit_bias is None else ctx.routing.logit_bias[kept].clone()
+    return LayerPlan([[i] for i in kept], ctx.experts.select(kept), router, extra or {}, bias, logit_bias)
 
 
 def _sample_rows(ctx: LayerContext, limit: int) -> torch.Tensor:

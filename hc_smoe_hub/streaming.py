@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
-from transformers.activations import ACT2FN
 
 from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
@@ -110,9 +109,7 @@ class StreamingMerger:
         self.hf_config = spec.hf_config(src_dir)
         self.hf_config._attn_implementation = "sdpa"
         self.routing = spec.routing(config)  # each MoE layer adds its own selection bias, when the family has one
-        hidden_act = config.get("hidden_act", "silu")
-        # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
-        self.act = torch.nn.functional.silu if hidden_act == "silu" else ACT2FN[hidden_act]
+        self.act = spec.act(config)  # the family's gated activation strategy (F.silu for SwiGLU with silu)
         self.num_layers = spec.num_layers(config)
         self.moe_layers = [i for i in range(self.num_layers) if spec.router_key(i) in source]
         if not self.moe_layers:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
+from hc_smoe_hub.arch.strategies import DenseLayers, ExpertActivation, ExtraLayers, Scoring
 from hc_smoe_hub.errors import HcSmoeError, UnsupportedModelError
 from hc_smoe_hub.routing import Routing
 
@@ -43,6 +43,7 @@ class ArchSpec:
     expert_down: str = "experts.{e}.down_proj.weight"
     top_k_key: str = "num_experts_per_tok"
     scoring: Scoring = field(default_factory=Scoring)
+    activation: ExpertActivation = field(default_factory=ExpertActivation)
     dense: DenseLayers = field(default_factory=DenseLayers)
     extra_layers: ExtraLayers = field(default_factory=ExtraLayers)
     text_config: str | None = None
@@ -71,9 +72,14 @@ class ArchSpec:
     def renormalizes(self, config: dict[str, Any]) -> bool:
         return self.routing(config).renormalize
 
-    def routing(self, config: dict[str, Any], bias: torch.Tensor | None = None) -> Routing:
-        """The source model's routing (with one layer's selection bias, when the family has one)."""
-        return self.scoring.routing(self.cfg(config), self.top_k(config), bias)
+    def routing(self, config: dict[str, Any], bias: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None) -> Routing:
+        """The source model's routing (with one layer's selection bias and router bias, when the family has them)."""
+        return self.scoring.routing(self.cfg(config), self.top_k(config), bias, logit_bias)
+
+    def act(self, config: dict[str, Any]):
+        """The experts' gated activation (`activations.gated` takes it)."""
+        return self.activation.build(self.cfg(config))
 
     def moe_layer_ids(self, config: dict[str, Any]) -> list[int]:
         c = self.cfg(config)
@@ -152,6 +158,11 @@ class ArchSpec:
     def bias_key(self, layer: int) -> str | None:
         """On-disk key of the per-expert selection bias of one layer, when the family has one."""
         return f"{self.layer_prefix(layer)}{self.moe_disk}.{self.scoring.bias}" if self.scoring.bias else None
+
+    def logit_bias_key(self, layer: int) -> str | None:
+        """On-disk key of the router's own bias (added to the logits) of one layer, when the family has one."""
+        name = self.scoring.logit_bias
+        return f"{self.layer_prefix(layer)}{self.moe_disk}.{name}" if name else None
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         """On-disk keys of (gate, up, down) of one expert."""

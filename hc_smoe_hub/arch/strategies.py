@@ -9,6 +9,8 @@ row and never a branch on model names. They mirror transformers 5.24's own modul
 - `DenseLayers`: which decoder layers have routed experts (`first_k_dense_replace`, `decoder_sparse_step` with
   `mlp_only_layers`, `mlp_layer_types`).
 - `ExtraLayers`: multi-token-prediction layers stored after the last decoder layer (`num_nextn_predict_layers`).
+- `ExpertActivation`: how an expert combines its gate and up projections (SwiGLU with `hidden_act`, or gpt-oss's
+  clamped GLU with `swiglu_alpha` / `swiglu_limit`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hc_smoe_hub.activations import Activation, ClampedGlu
 from hc_smoe_hub.routing import Routing
 
 
@@ -38,6 +41,8 @@ class Scoring:
     `bias`: the router tensor (relative to the MoE block on disk) added to the scores for the choice only.
     `grouping`: "none"; "top2-sum" (a group's score is the sum of its two best biased scores, DeepSeek-V3 / GLM);
     or "max" (its best score, DeepSeek-V2's `group_limited_greedy`), active only when `group_when` holds.
+    `scores` "topk-softmax" (gpt-oss: the top-k logits, then a softmax over those k) with `logit_bias`, the router
+    tensor (relative to the MoE block on disk) added to the logits themselves (gpt-oss's `router.bias`).
     """
 
     scores: str = "softmax"
@@ -46,6 +51,7 @@ class Scoring:
     grouping: str = "none"
     group_when: tuple[str, str] | None = None  # (config key, value) that switches grouping on, e.g. topk_method
     scaling_key: str | None = None  # routed_scaling_factor
+    logit_bias: str | None = None  # router.bias (gpt-oss)
 
     def grouped(self, config: dict[str, Any]) -> bool:
         if self.grouping == "none":
@@ -54,7 +60,8 @@ class Scoring:
             return False
         return int(config.get("n_group") or 1) > 1
 
-    def routing(self, config: dict[str, Any], top_k: int, bias: torch.Tensor | None = None) -> Routing:
+    def routing(self, config: dict[str, Any], top_k: int, bias: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None) -> Routing:
         grouped = self.grouped(config)
         scale = float(config.get(self.scaling_key) or 1.0) if self.scaling_key else 1.0
         return Routing(
@@ -68,6 +75,7 @@ class Scoring:
             scale=scale,
             # The sigmoid routers add 1e-20 to the denominator; the softmax ones divide by the plain sum.
             renorm_eps=1e-20 if self.scores == "sigmoid" else 0.0,
+            logit_bias=logit_bias,
         )
 
     def valid_keeps(self, config: dict[str, Any], n_experts: int, top_k: int) -> list[int] | None:
@@ -128,3 +136,30 @@ class ExtraLayers:
 
     def reduced(self, config: dict[str, Any]) -> dict[str, Any]:
         return {k: 0 for k in self.count_keys if k in config}
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert turns its gate and up products into its intermediate activations.
+
+    "silu-glu": act(gate) * up with the config's `hidden_act` (silu for every family so far); "clamped-glu":
+    gpt-oss's `GptOssExperts._apply_gate`, with alpha and limit read from the config keys named here.
+    """
+
+    kind: str = "silu-glu"
+    alpha_key: str = "swiglu_alpha"
+    limit_key: str = "swiglu_limit"
+
+    def build(self, config: dict[str, Any]) -> Activation | ClampedGlu:
+        if self.kind == "clamped-glu":
+            return ClampedGlu(alpha=float(config.get(self.alpha_key, 1.702)),
+                              limit=float(config.get(self.limit_key, 7.0)))
+        if self.kind != "silu-glu":
+            raise ValueError(f"unknown expert activation {self.kind}")
+        hidden_act = config.get("hidden_act", "silu")
+        if hidden_act == "silu":
+            # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
+            return torch.nn.functional.silu
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[hidden_act]
