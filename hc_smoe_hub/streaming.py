@@ -1,7 +1,8 @@
 """Layer-by-layer execution over the calibration hidden states; the whole model is never materialized.
 
-The model skeleton is built on the meta device. The calibration blocks are embedded and layer 0's inputs are
-caught by a pre-hook (the model's own forward computes the mask and rotary embeddings, whatever the family).
+The model skeleton is built on the meta device. The calibration blocks are embedded and every decoder layer's
+keyword arguments are caught (the model's own forward computes each layer's mask and the rotary embeddings,
+whatever the family; sliding-window, linear- and full-attention layers get different masks).
 Then each decoder layer in turn is loaded from the shards, run over the hidden states (the MoE block's input is
 recorded for the statistics), reduced by the chosen method, written out, optionally re-run with its merged
 experts (sequential calibration), and freed.
@@ -177,7 +178,8 @@ class StreamingMerger:
         model = self.model
         rotary = _module(model, self.spec.rotary_module)
         _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
-        # The embedding pass also yields each batch's mask and rotary arguments, which a resumed run needs too.
+        # The embedding pass also yields each batch's masks and rotary arguments for every decoder layer, which a
+        # resumed run needs too.
         hidden, layer_kwargs = self._embed(model, blocks)
         if start_layer:
             if hidden_states is None or [h.shape for h in hidden_states] != [h.shape for h in hidden]:
@@ -188,7 +190,8 @@ class StreamingMerger:
         for layer_idx in tqdm(range(start_layer, self.num_layers), desc="merging layers", unit="layer",
                               initial=start_layer, total=self.num_layers):
             t0 = time.perf_counter()
-            record = self._process_layer(layers, layer_idx, hidden, layer_kwargs, writer)
+            kwargs = [per_layer[layer_idx] for per_layer in layer_kwargs]  # this layer's own mask, per batch
+            record = self._process_layer(layers, layer_idx, hidden, kwargs, writer)
             if record is not None:
                 record.seconds = time.perf_counter() - t0
                 records.append(record)
@@ -206,33 +209,56 @@ class StreamingMerger:
         prefix = self.spec.layers_prefix
         return int(key[len(prefix):].split(".", 1)[0]) if key.startswith(prefix) else None
 
-    def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Embed the calibration batches and catch every decoder layer's keyword arguments, per batch.
+
+        Returns the hidden states entering layer 0 (one tensor per batch) and, per batch, one kwargs dict per
+        decoder layer. Each layer's own are needed: sliding-window and full-attention layers (`layer_types`), or
+        linear- and full-attention ones, get different masks from the model's `causal_mask_mapping`. The model's
+        forward runs once per batch with every decoder layer's `forward` replaced by a recorder that returns its
+        input unchanged (the masks and rotary embeddings do not depend on the hidden states); the last one stops
+        the forward before the final norm. The dicts hold the very tensors the model built, so a mask shared by
+        many layers is stored once.
+        """
         dev, cdt = self.s.device, self.s.compute_dtype
         embed = _module(model, self.spec.embed_module)
         prefix = self.spec.embed_module + "."
         state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
         embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
-        first = _module(model, self.spec.layers_module)[0]
+        layers = list(_module(model, self.spec.layers_module))[: self.num_layers]
+        seen: list[dict] = []
 
-        def catch(_mod, args, kwargs):
-            raise _Caught(args, kwargs)
+        def recorder(index: int) -> Callable[..., torch.Tensor]:
+            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+                h = args[0] if args else kwargs.pop("hidden_states")
+                kwargs["hidden_states"] = h  # popped again below: the first layer's input is the embedding
+                seen.append(kwargs)
+                if index == len(layers) - 1:
+                    raise _Caught((), {})
+                return h
 
-        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+            return forward
+
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)  # an instance attribute: nn.Module.__call__ calls it, hooks stay as they are
         base = _module(model, self.spec.layers_module.rpartition(".")[0])
         hidden, kwargs_list = [], []
         per_batch = max(1, self.s.batch_tokens // blocks.shape[1])
         try:
             for s in range(0, blocks.shape[0], per_batch):
-                try:
-                    with torch.no_grad():
-                        base(input_ids=blocks[s : s + per_batch].to(dev), use_cache=False)
-                except _Caught as caught:
-                    args, kwargs = caught.args_, dict(caught.kwargs_)
-                    h = args[0] if args else kwargs.pop("hidden_states")
-                    hidden.append(h.to(cdt))
-                    kwargs_list.append(kwargs)
+                seen.clear()
+                with torch.no_grad(), contextlib.suppress(_Caught):
+                    base(input_ids=blocks[s : s + per_batch].to(dev), use_cache=False)
+                if len(seen) != len(layers):
+                    raise SourceError(f"the model ran {len(seen)} of its {len(layers)} decoder layers in its "
+                                      "forward: the engine cannot catch each layer's arguments for this class")
+                hidden.append(seen[0]["hidden_states"].to(cdt))
+                for kw in seen:
+                    kw.pop("hidden_states")
+                kwargs_list.append(list(seen))
         finally:
-            handle.remove()
+            for layer in layers:
+                del layer.forward
             embed.to("meta")
         return hidden, kwargs_list
 
