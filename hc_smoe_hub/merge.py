@@ -28,6 +28,8 @@ from hc_smoe_hub.calibration import CalibrationSpec, build_blocks
 from hc_smoe_hub.checkpoint import ShardedWriter, SourceCheckpoint, free_bytes, parse_size
 from hc_smoe_hub.errors import HcSmoeError, OutputError, SourceError
 from hc_smoe_hub.methods import METHOD_DESCRIPTIONS, MethodOptions
+from hc_smoe_hub.quant import format_for, output_config
+from hc_smoe_hub.quant.io import QuantSource, QuantWriter, disk_plan, quant_dtypes, weights_record
 from hc_smoe_hub.resume import PartialMergeError, PartialRun, partial_dir_for, tokens_digest, weights_digest
 from hc_smoe_hub.streaming import EngineSettings, LayerRecord, StreamingMerger
 
@@ -160,14 +162,22 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
         timings["download"] = time.perf_counter() - t0
     else:
         revision = request.revision
-    config, spec, source = inspect_source(src_dir)
+    config, spec, raw_source = inspect_source(src_dir)
+    fmt = format_for(config)  # an unsupported quantization is refused here, from config.json alone
     n = spec.num_experts(config)
     keep = resolve_keep(request.keep, spec, config)
     top_k = spec.top_k(config)
     if keep < top_k:
         log.warning("keeping %d experts, fewer than top-k %d: num_experts_per_tok set to %d", keep, top_k, keep)
     device = pick_device(request.device)
-    merger_dtype = pick_dtype(request.dtype, device, next(iter(source.tensors.values())).dtype)
+    # For a quantized source --dtype is the output's dtype (auto: the source's format kept), see quant_dtypes.
+    source: SourceCheckpoint | QuantSource = raw_source
+    out_dtype: torch.dtype | None = None
+    if fmt is None:
+        merger_dtype = pick_dtype(request.dtype, device, next(iter(raw_source.tensors.values())).dtype)
+    else:
+        merger_dtype, out_dtype = quant_dtypes(request.dtype, device)
+        source = QuantSource(raw_source, fmt, merger_dtype)
     try:
         max_shard = parse_size(request.max_shard_size)
     except ValueError as exc:
@@ -175,8 +185,10 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
     if max_shard <= 0:
         raise HcSmoeError(f"--max-shard-size must be positive, got '{request.max_shard_size}'")
 
-    partial = PartialRun(request.output_dir, _fingerprint(request, src_dir, revision, source, keep, device,
-                                                          merger_dtype, max_shard),
+    fingerprint = _fingerprint(request, src_dir, revision, raw_source, keep, device, merger_dtype, max_shard)
+    if fmt is not None:
+        fingerprint["weights_format"] = weights_record(fmt, out_dtype)
+    partial = PartialRun(request.output_dir, fingerprint,
                          resume=request.resume, overwrite=request.overwrite)
 
     from transformers import AutoTokenizer
@@ -189,6 +201,8 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
     settings = EngineSettings(keep, request.options, device, merger_dtype, request.sequential)
     merger = StreamingMerger(source, config, spec, str(src_dir), settings)
     plan = merger.output_plan()
+    if isinstance(source, QuantSource):  # the exact on-disk tensors (weights and their scales) are planned now
+        plan = disk_plan(plan, source, out_dtype)
     # The shards, plus two copies of the calibration hidden states kept for --resume while one replaces the other.
     cal = request.calibration
     hidden_bytes = 2 * cal.num_samples * cal.seq_len * int(config.get("hidden_size", 0)) * merger_dtype.itemsize
@@ -209,7 +223,10 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
     with partial.session() as tmp:
         t2 = time.perf_counter()
         start = partial.resume_point(device)
-        writer = ShardedWriter(tmp, plan, max_shard, reopen=partial.resuming)
+        if isinstance(source, QuantSource):
+            writer = QuantWriter(tmp, plan, max_shard, reopen=partial.resuming, source=source, out_dtype=out_dtype)
+        else:
+            writer = ShardedWriter(tmp, plan, max_shard, reopen=partial.resuming)
         if start is None:
             records = merger.run(blocks, writer, on_finished=partial.layer_done)
         else:
@@ -218,6 +235,8 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
         writer.finish()
         timings["merge"] = time.perf_counter() - t2
         out_config = spec.reduced_config(config, keep)
+        if fmt is not None:  # quantization_config kept for a re-quantized output, removed for a dequantized one
+            out_config = output_config(out_config, keep_quantized=out_dtype is None)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
         for pattern in SIDE_FILES:
             for f in src_dir.glob(pattern):
@@ -225,6 +244,8 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
                     shutil.copy2(f, tmp / f.name)
         provenance = _provenance(request, revision, spec, config, out_config, keep, device, merger_dtype,
                                  records, timings)
+        if fmt is not None:
+            provenance["weights_format"] = weights_record(fmt, out_dtype)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
         partial.finalize()
     result = MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,

@@ -89,8 +89,9 @@ def tiny_config(family: str, num_layers: int = 3, hidden: int = 32, **overrides:
 
 def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int = 3, hidden: int = 32,
                    seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "40KB",
-                   **overrides: Any) -> Path:
-    """Save a randomly initialised tiny MoE (and tokenizer) of `family` into `directory`, in several shards."""
+                   fp8: bool = False, **overrides: Any) -> Path:
+    """Save a randomly initialised tiny MoE (and tokenizer) of `family` into `directory`, in several shards;
+    with `fp8`, its decoder projections block-quantized as the Hub's FP8 releases store them (`quantize_fp8`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -115,8 +116,43 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
         data["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                             "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
         cfg_path.write_text(json.dumps(data, indent=2))
+    if fp8:
+        quantize_fp8(directory)
     build_tokenizer(directory)
     return directory
+
+
+def quantize_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
+    """Rewrite a saved checkpoint as DeepSeek-V3's FP8 releases are: every 2-D ``*_proj.weight`` of the decoder
+    layers (routed and shared experts per expert, attention, dense MLPs) as float8_e4m3fn plus a float32
+    ``weight_scale_inv`` in the same shard; norms, routers, embeddings and the head unchanged; `quantization_config`
+    added to config.json. Dims should be multiples of 128 or below it (transformers' CPU dequantizer mishandles
+    ragged blocks, see hc_smoe_hub/quant)."""
+    from safetensors import safe_open
+
+    from hc_smoe_hub.quant import Fp8BlockFormat
+
+    fmt = Fp8BlockFormat(block=block)
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, "pt") as h:
+            names = h.keys()
+            tensors = {k: h.get_tensor(k) for k in names}
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            quantize = key.startswith("model.layers.") and key.endswith("_proj.weight") and value.ndim == 2
+            out.update(fmt.quantize(value, key) if quantize else {key: value})
+        save_file(out, str(shard), metadata={"format": "pt"})
+        if index is not None:
+            index["weight_map"].update({k: shard.name for k in out})
+    if index is not None:
+        index_path.write_text(json.dumps(index, indent=2))
+    cfg_path = directory / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                   "weight_block_size": list(block)}
+    cfg_path.write_text(json.dumps(data, indent=2))
 
 
 def _add_mtp_layers(directory: Path, family: str, num_layers: int, count: int, hidden: int, seed: int,

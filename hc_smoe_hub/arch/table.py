@@ -143,22 +143,11 @@ def supported_table() -> str:
     return "\n".join(lines)
 
 
-def _check_format(config: dict[str, Any]) -> None:
-    """Quantized sources the engine cannot read yet are refused from config.json alone."""
-    for c in (config, config.get("text_config") or {}):
-        qcfg = c.get("quantization_config") or {}
-        if qcfg.get("quant_method") == "fp8":
-            raise UnsupportedModelError(
-                f"this {config.get('model_type')} checkpoint is FP8 (quantization_config quant_method fp8, "
-                "weight_scale_inv block scales): FP8 sources are not supported yet; use a BF16 copy of the model")
-
-
 def spec_for(config: dict[str, Any]) -> ArchSpec:
     """The spec of a config.json, or a one-line refusal naming the supported families."""
     model_type = config.get("model_type", "<missing>")
     for spec in SPECS:
         if model_type in spec.model_types:
-            _check_format(config)
             if not any(spec.cfg(config).get(k) for k in spec.expert_count_keys):
                 raise UnsupportedModelError(
                     f"this {model_type} config has no routed experts (dense model): nothing to merge; "
