@@ -108,7 +108,7 @@ class StreamingMerger:
         self.src, self.config, self.spec, self.s = source, config, spec, settings
         self.n_experts = spec.num_experts(config)
         self.hf_config = spec.hf_config(src_dir)
-        self.hf_config._attn_implementation = "sdpa"
+        self.hf_config._attn_implementation = spec.attn_implementation
         self.routing = spec.routing(config)  # each MoE layer adds its own selection bias, when the family has one
         self.act = spec.act(config)  # the family's gated activation strategy (F.silu for SwiGLU with silu)
         self.num_layers = spec.num_layers(config)
@@ -137,6 +137,7 @@ class StreamingMerger:
                    for k in self.spec.expert_keys(layer, e)}
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
         routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
+        routers |= {self.spec.logit_bias_key(layer) for layer in self.moe_layers if self.spec.logit_bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
             layer = self._layer_of(key)
@@ -342,7 +343,9 @@ class StreamingMerger:
                 start = 0
                 for i, h in enumerate(hidden):
                     n = h.shape[0] * h.shape[1]
-                    hidden[i] = h + block(x[start : start + n].view(h.shape)).to(h.dtype)
+                    out = block(x[start : start + n].view(h.shape))
+                    out = out[0] if isinstance(out, tuple) else out  # gpt-oss's block also returns router scores
+                    hidden[i] = h + out.to(h.dtype)
                     start += n
         finally:
             block.to("meta")
@@ -366,7 +369,10 @@ class StreamingMerger:
         router = tensors[spec.router_key(layer_idx)]
         bias_key = spec.bias_key(layer_idx)
         bias = tensors[bias_key] if bias_key else None
-        routing = replace(self.routing, bias=None if bias is None else bias.float())
+        lb_key = spec.logit_bias_key(layer_idx)  # the router's own bias on the logits (gpt-oss), when it has one
+        logit_bias = tensors[lb_key] if lb_key else None
+        routing = replace(self.routing, bias=None if bias is None else bias.float(),
+                          logit_bias=None if logit_bias is None else logit_bias.float())
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
@@ -390,7 +396,7 @@ class StreamingMerger:
         ref = stats.sampled_output
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
-        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key}
+        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key, lb_key}
         new_bias = None if bias is None else plan.bias.to(bias.dtype)
         for key in keys:
             if key not in merged_keys:
@@ -398,6 +404,8 @@ class StreamingMerger:
         writer.write(spec.router_key(layer_idx), merged_router)
         if bias_key:
             writer.write(bias_key, new_bias)
+        if lb_key and logit_bias is not None and plan.logit_bias is not None:
+            writer.write(lb_key, plan.logit_bias.to(logit_bias.dtype))
         for e in range(self.s.keep):
             for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
                 writer.write(key, mat[e])

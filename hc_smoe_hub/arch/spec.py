@@ -53,6 +53,7 @@ class ArchSpec:
     embed_module: str = "model.embed_tokens"
     layers_module: str = "model.layers"
     shared_expert_note: str = ""
+    attn_implementation: str = "sdpa"  # what the streaming skeleton runs; "eager" where sdpa is unsupported
 
     # ---------- config ----------
     def cfg(self, config: dict[str, Any]) -> dict[str, Any]:
