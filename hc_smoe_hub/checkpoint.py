@@ -134,11 +134,20 @@ class SourceCheckpoint:
                     out[key] = fh.get_tensor(key)
         return {k: out[k] for k in keys}
 
-    def read_rows(self, key: str, index: int | slice, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows `index` of a tensor's first dim (one expert `[e]` of a fused ``(E, ...)`` tensor), reading only
-        those bytes; an int index drops the dim, as ``tensor[e]`` does."""
-        with safe_open(str(self.tensors[key].file), framework="pt", device=str(device)) as fh:
-            return fh.get_slice(key)[index]
+    def read_rows(self, keys: Iterable[str], index: int | slice,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Row `index` along dim 0 of each given tensor (one expert of a fused (E, ...) tensor), read without
+        reading the rest of the tensor; each shard is opened once."""
+        keys = list(keys)
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.tensors[key].file, []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for path, file_keys in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for key in file_keys:
+                    out[key] = fh.get_slice(key)[index].to(device)
+        return {k: out[k] for k in keys}
 
     def copy_raw(self, key: str) -> Iterator[bytes]:
         """The tensor's bytes exactly as stored, in bounded chunks (byte-for-byte copies of non-expert tensors)."""
@@ -213,6 +222,7 @@ class ShardedWriter:
         for name, group in zip(names, groups, strict=True):
             self._prepare_shard(self.dir / name, group)
         self.written: set[str] = set()
+        self.rows_written: dict[str, set[int]] = {}
 
     def _prepare_shard(self, path: Path, group: list[OutputTensor]) -> None:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -244,6 +254,27 @@ class ShardedWriter:
             raise ValueError(f"{name}: got {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}")
         data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self._write_bytes(name, path, pos, [data])
+
+    def write_rows(self, name: str, index: int, tensor: torch.Tensor) -> None:
+        """Write row `index` along dim 0 of a planned tensor (one expert of a fused tensor) into its place; the
+        tensor counts as written once all its rows are."""
+        path, pos, spec = self.slots[name]
+        t = tensor.detach().to("cpu").contiguous()
+        if tuple(t.shape) != spec.shape[1:] or dtype_name(t.dtype) != spec.dtype or not 0 <= index < spec.shape[0]:
+            raise ValueError(f"{name}[{index}]: got {tuple(t.shape)} {t.dtype}, planned rows of {spec.shape} "
+                             f"{spec.dtype}")
+        row_bytes = spec.nbytes // spec.shape[0]
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        if len(data) != row_bytes:
+            raise ValueError(f"{name}[{index}]: {len(data)} bytes, planned {row_bytes}")
+        with _disk_errors(path), path.open("r+b") as fh:
+            fh.seek(pos + index * row_bytes)
+            fh.write(data)
+        self.dirty.add(path)
+        rows = self.rows_written.setdefault(name, set())
+        rows.add(index)
+        if len(rows) == spec.shape[0]:
+            self.written.add(name)
 
     def write_chunks(self, name: str, chunks: Iterable[bytes]) -> None:
         path, pos, _ = self.slots[name]

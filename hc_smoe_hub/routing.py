@@ -74,15 +74,18 @@ class Experts:
 class Routing:
     """How one MoE block turns router logits into (weights, chosen experts), as its transformers module does.
 
-    `scoring` "softmax" or "sigmoid" scores (fp32), or "topk-softmax" (gpt-oss, Granite: top-k of the logits, then a
-    softmax over the k chosen; its `scores`, the probabilities a group's share is measured in, are the full
-    softmax); `logit_bias` (N,), when set, is the router's own bias, added to the logits before anything else
-    (gpt-oss's `router.bias`); `bias` (N,), when set, is added to the scores for the choice
+    `scoring` "softmax" or "sigmoid" scores (fp32), or "topk-softmax" (below); `logit_bias` (N,), when set, is the
+    router's own bias, added to the logits before anything else (gpt-oss's `router.bias`, reduced with the router
+    rows); `bias` (N,), when set, is added to the scores for the choice
     only (DeepSeek-V3's `e_score_correction_bias`), the weights stay the unbiased scores; `grouping` "top2-sum" or
     "max" restricts the choice to the `topk_group` best of `n_group` equal groups of consecutive experts, a group
     scored by the sum of its two best (biased) scores or by its best one; the chosen weights are renormalized to sum
     to one when `renormalize` (denominator + `renorm_eps`), then multiplied by `scale` (`routed_scaling_factor`).
     The defaults are Mixtral / Qwen-MoE / OLMoE routing: softmax, top-k, optional renormalization.
+    `scoring` "topk-softmax" (Granite MoE; gpt-oss) chooses the top-k on the fp32 logits (plus `bias`, for the
+    choice only) and takes the softmax over the k chosen logits: normalized by construction, so it is the softmax
+    top-k with renormalization in exact arithmetic (`scores` is the full softmax, and rows set `renormalize`),
+    but computed as the module computes it.
     """
 
     top_k: int
@@ -99,7 +102,8 @@ class Routing:
     @property
     def plain_softmax(self) -> bool:
         """Softmax, top-k, optional renormalization and nothing else (the closed forms of subset_search hold)."""
-        return (self.scoring == "softmax" and self.bias is None and self.grouping == "none" and self.scale == 1.0
+        softmax = self.scoring == "softmax" or (self.scoring == "topk-softmax" and self.renormalize)
+        return (softmax and self.bias is None and self.grouping == "none" and self.scale == 1.0
                 and self.logit_bias is None)
 
     def biased(self, logits: torch.Tensor) -> torch.Tensor:
@@ -131,11 +135,6 @@ class Routing:
 
 def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), each (..., top_k), as the transformers routers compute them (any leading dims)."""
-    if routing.scoring == "topk-softmax":
-        # gpt-oss / Granite: the k largest (biased) logits, then a softmax over those k alone.
-        values, indices = torch.topk(routing.biased(logits), min(routing.top_k, logits.shape[-1]), dim=-1)
-        weights = torch.softmax(values, dim=-1)
-        return (weights * routing.scale if routing.scale != 1.0 else weights), indices
     scores = routing.scores(logits)
     choice = scores if routing.bias is None else scores + routing.bias.to(scores.device, torch.float32)
     n = logits.shape[-1]
@@ -151,6 +150,11 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
         # DeepSeek-V3 / GLM mask the biased scores with -inf, DeepSeek-V2 its scores with 0.
         choice = choice.masked_fill(~mask, float("-inf") if routing.grouping == "top2-sum" else 0.0)
     k = min(routing.top_k, n)
+    if routing.scoring == "topk-softmax":
+        logits32 = routing.biased(logits)  # with the router's own bias (gpt-oss), when it has one
+        indices = torch.topk(logits32 if routing.bias is None else choice_logits(logits32, routing), k, dim=-1).indices
+        weights = torch.softmax(logits32.gather(-1, indices), dim=-1)  # already sums to one: no renormalization
+        return (weights * routing.scale if routing.scale != 1.0 else weights), indices
     if routing.bias is None and routing.grouping == "none":
         weights, indices = torch.topk(scores, k, dim=-1)
     else:
@@ -161,6 +165,11 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
     if routing.scale != 1.0:
         weights = weights * routing.scale
     return weights, indices
+
+
+def choice_logits(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """fp32 logits plus the selection-only bias: what a "topk-softmax" router chooses its top-k on."""
+    return logits.float() + routing.bias.to(logits.device, torch.float32)
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation,

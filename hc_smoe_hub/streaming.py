@@ -124,17 +124,20 @@ class StreamingMerger:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.hf_config)
         for layer in self.moe_layers:
-            for e in range(self.n_experts):
-                for key in spec.expert_keys(layer, e):
-                    if key not in source:
-                        raise SourceError(f"tensor {key} is missing from the checkpoint: it is incomplete or "
-                                          "not in the standard transformers layout; download it again")
+            spec.storage.check(source, spec.experts_base(layer), self.n_experts)
+        self.residual_scale = spec.residual_scale(config)
 
     # ---------- output plan ----------
     def output_plan(self) -> list[OutputTensor]:
-        keep = self.s.keep
-        dropped = {k for layer in self.moe_layers for e in range(keep, self.n_experts)
-                   for k in self.spec.expert_keys(layer, e)}
+        keep, storage = self.s.keep, self.spec.storage
+        expert_keys: set[str] = set()
+        expert_shapes: dict[str, tuple[int, ...]] = {}  # the storage's output keys of K experts, with their shapes
+        for layer in self.moe_layers:
+            keys = self.spec.layer_expert_keys(layer, self.n_experts)
+            expert_keys.update(keys)
+            expert_shapes.update(storage.output_shapes(self.spec.experts_base(layer), self.n_experts, keep,
+                                                       {k: self.src.tensors[k].shape for k in keys}))
+        dropped = expert_keys - set(expert_shapes)
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
         routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         routers |= {self.spec.logit_bias_key(layer) for layer in self.moe_layers if self.spec.logit_bias_key(layer)}
@@ -144,7 +147,7 @@ class StreamingMerger:
             if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
-            shape = (keep, *info.shape[1:]) if key in routers else info.shape
+            shape = (keep, *info.shape[1:]) if key in routers else expert_shapes.get(key, info.shape)
             plan.append(OutputTensor(key, info.dtype, shape))
         return plan
 
@@ -177,8 +180,10 @@ class StreamingMerger:
         writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
                             and self._layer_of(k) < start_layer)
         model = self.model
-        rotary = _module(model, self.spec.rotary_module)
-        _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
+        rotary = model.get_submodule(self.spec.rotary_module.rpartition(".")[0])
+        rotary = getattr(rotary, self.spec.rotary_module.rpartition(".")[2], None)
+        if rotary is not None:  # None: a model without position embeddings (Granite 4.0 hybrids, "nope")
+            _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
         # The embedding pass also yields each batch's masks and rotary arguments for every decoder layer, which a
         # resumed run needs too.
         hidden, layer_kwargs = self._embed(model, blocks)
@@ -264,13 +269,17 @@ class StreamingMerger:
         return hidden, kwargs_list
 
     def _layer_state(self, layer_idx: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block renamed)."""
+        """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block and its router
+        renamed)."""
         prefix = self.spec.layer_prefix(layer_idx)
         moe_disk, moe_mem = self.spec.moe_disk + ".", self.spec.moe_module + "."
+        router_disk = moe_disk + self.spec.router
         state = {}
         for key, value in tensors.items():
             rel = key[len(prefix):]
-            if rel.startswith(moe_disk):
+            if rel == router_disk and self.spec.router_memory:
+                rel = moe_mem + self.spec.router_memory
+            elif rel.startswith(moe_disk):
                 rel = moe_mem + rel[len(moe_disk):]
             state[rel] = value
         return state
@@ -335,20 +344,31 @@ class StreamingMerger:
             module.to("meta")
         return torch.cat(inputs)
 
-    def _add_moe_block(self, block: nn.Module, state: dict, hidden: list[torch.Tensor], x: torch.Tensor) -> None:
-        """hidden[i] += block(x of batch i): finishes the decoder layer with the given MoE block."""
-        self._load(block, state)
+    def _add_moe_block(self, layer: nn.Module, state: dict, hidden: list[torch.Tensor], x: torch.Tensor) -> None:
+        """hidden[i] += block(x of batch i): finishes the decoder layer with its MoE block, plus the modules beside
+        it that take the same input (`moe_siblings`), times the residual scale when the family has one."""
+        names = (self.spec.moe_module, *self.spec.moe_siblings)
+        parts = [layer.get_submodule(name) for name in names]
+        for name, part in zip(names, parts, strict=True):
+            self._load(part, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        scale = self.residual_scale
         try:
             with torch.no_grad():
                 start = 0
                 for i, h in enumerate(hidden):
                     n = h.shape[0] * h.shape[1]
-                    out = block(x[start : start + n].view(h.shape))
+                    xb = x[start : start + n].view(h.shape)
+                    out = parts[0](xb)
                     out = out[0] if isinstance(out, tuple) else out  # gpt-oss's block also returns router scores
+                    for part in parts[1:]:
+                        out = out + part(xb)
+                    if scale is not None:  # Granite: residual + (moe + shared_mlp) * residual_multiplier
+                        out = out * scale
                     hidden[i] = h + out.to(h.dtype)
                     start += n
         finally:
-            block.to("meta")
+            for part in parts:
+                part.to("meta")
 
     def _process_layer(self, layers: nn.ModuleList, layer_idx: int, hidden: list[torch.Tensor],
                        kwargs: list[dict], writer: ShardedWriter) -> LayerRecord | None:
@@ -361,11 +381,9 @@ class StreamingMerger:
             for key in keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
             return None
-        expert_keys = {k for e in range(self.n_experts) for k in spec.expert_keys(layer_idx, e)}
+        expert_keys = set(spec.layer_expert_keys(layer_idx, self.n_experts))
         tensors = self.src.read([k for k in keys if k not in expert_keys], dev)
-
-        per_expert = [spec.expert_keys(layer_idx, e) for e in range(self.n_experts)]
-        experts = self._read_experts(per_expert)
+        experts = self._read_experts(layer_idx)
         router = tensors[spec.router_key(layer_idx)]
         bias_key = spec.bias_key(layer_idx)
         bias = tensors[bias_key] if bias_key else None
@@ -396,7 +414,7 @@ class StreamingMerger:
         ref = stats.sampled_output
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
-        merged_keys = {k for keys3 in per_expert for k in keys3} | {spec.router_key(layer_idx), bias_key, lb_key}
+        merged_keys = expert_keys | {spec.router_key(layer_idx), bias_key, lb_key}
         new_bias = None if bias is None else plan.bias.to(bias.dtype)
         for key in keys:
             if key not in merged_keys:
@@ -406,9 +424,7 @@ class StreamingMerger:
             writer.write(bias_key, new_bias)
         if lb_key and logit_bias is not None and plan.logit_bias is not None:
             writer.write(lb_key, plan.logit_bias.to(logit_bias.dtype))
-        for e in range(self.s.keep):
-            for mat, key in zip((plan.experts.gate, plan.experts.up, plan.experts.down), per_expert[e], strict=True):
-                writer.write(key, mat[e])
+        spec.storage.write(writer, spec.experts_base(layer_idx), plan.experts)
         groups, extra = plan.groups, plan.extra
         del plan
 
@@ -419,27 +435,29 @@ class StreamingMerger:
         routed_output = merged_routed if self.s.sequential else stats.routed_output
         block = layers[layer_idx].get_submodule(spec.moe_module)
         experts_prefix = moe_prefix + spec.experts_module + "."
-        block_state = {k[len(moe_prefix):]: v for k, v in unfused.items()
-                       if k.startswith(moe_prefix) and not k.startswith(experts_prefix)}
+        finish = (moe_prefix, *(m + "." for m in spec.moe_siblings))
+        block_state = {k: v for k, v in unfused.items() if k.startswith(finish) and not k.startswith(experts_prefix)}
         original = block.get_submodule(spec.experts_module)
         _set_module(block, spec.experts_module, _PrecomputedExperts(routed_output))
         try:
-            self._add_moe_block(block, block_state, hidden, x)
+            self._add_moe_block(layers[layer_idx], block_state, hidden, x)
         finally:
             _set_module(block, spec.experts_module, original)
         return LayerRecord(layer_idx, groups, stats.frequencies.cpu().tolist(), error, 0.0, extra)
 
-    def _read_experts(self, per_expert: list[tuple[str, str, str]]) -> Experts:
-        """The layer's experts stacked (N, ...) in the source dtype, read one expert at a time into their slots, so
-        the layer is never held twice."""
-        dev = self.s.device
+    def _read_experts(self, layer_idx: int) -> Experts:
+        """The layer's experts stacked (N, ...) in the source dtype, read one expert at a time (whatever the storage)
+        into their slots, so the layer is never held twice."""
+        dev, n = self.s.device, self.n_experts
+        base = self.spec.experts_base(layer_idx)
         mats: list[torch.Tensor] = []
-        for e, keys3 in enumerate(per_expert):
-            one = self.src.read(keys3, dev)
+        for e in range(n):
+            one = self.spec.storage.read_expert(self.src, base, e, dev)
             if not mats:
-                mats = [torch.empty((len(per_expert), *one[k].shape), dtype=one[k].dtype, device=dev) for k in keys3]
-            for mat, key in zip(mats, keys3, strict=True):
-                mat[e].copy_(one[key])
+                mats = [torch.empty((n, *t.shape), dtype=t.dtype, device=dev) for t in one]
+            for mat, t in zip(mats, one, strict=True):
+                mat[e].copy_(t)
+            del one
         return Experts(*mats)
 
     def _check_plan(self, plan: LayerPlan, experts: Experts, router: torch.Tensor) -> None:

@@ -38,6 +38,8 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 # Multi-head latent attention (DeepSeek, GLM-4-MoE-Lite): keys and values have every query head.
 _MLA = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8,
         "qk_nope_head_dim": 8, "v_head_dim": 8}
+_GRANITE = {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32, "embedding_multiplier": 2.0,
+            "residual_multiplier": 0.5, "attention_multiplier": 0.25, "logits_scaling": 2.0}
 # The families with sigmoid / grouped routers, shared experts, dense first layers and MTP layers. Kept apart from
 # FAMILY_CONFIGS, which every engine test runs over; tests/test_families.py runs these. `written_as` is the
 # model_type written into config.json when it differs from the transformers class that builds the model.
@@ -62,6 +64,14 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                     "n_shared_experts": 2, "moe_intermediate_size": 16, "intermediate_size": 48,
                     "first_k_dense_replace": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0,
                     "norm_topk_prob": False, **_MLA},
+    # Granite: every layer MoE; multipliers other than 1 so that a missed one shows.
+    "granitemoe": {"model_type": "granitemoe", **_GRANITE},
+    "granitemoeshared": {"model_type": "granitemoeshared", **_GRANITE, "shared_intermediate_size": 24},
+    # Mamba-2 and attention layers (layer_types), no position embeddings, as the Granite 4.0 hybrids.
+    "granitemoehybrid": {"model_type": "granitemoehybrid", **_GRANITE, "shared_intermediate_size": 24,
+                         "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                         "position_embedding_type": "nope",
+                         "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 16},
     # gpt-oss: fused, interleaved gate/up experts with biases, a router bias, sliding-window and full attention
     # layers with sinks. Dims are multiples of 32, so that the experts can be stored in MXFP4 (`quantize_mxfp4`).
     "gpt_oss": {"model_type": "gpt_oss", "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32,
@@ -178,7 +188,8 @@ def quantize_mxfp4(directory: Path) -> None:
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(shard, "pt") as h:
-            tensors = {k: h.get_tensor(k) for k in h.keys()}
+            names = h.keys()
+            tensors = {k: h.get_tensor(k) for k in names}
         out: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             quantize = key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
@@ -257,7 +268,7 @@ def calibration_text(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:
 def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the checkpoint as stored on the Hub, with its shape, from the model class built on the
     meta device: the in-memory fused experts (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)) become the
-    per-expert on-disk keys of `spec`, and the MoE block takes its on-disk name."""
+    on-disk keys of `spec`'s expert storage, and the MoE block and its router take their on-disk names."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     fused = f".{spec.moe_module}.{spec.experts_module}."
@@ -271,12 +282,11 @@ def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
         if fused in "." + rel:
             if rel.endswith("gate_up_proj"):
                 n, two_i, hidden = tensor.shape
-                for e in range(n):
-                    gate, up, down = spec.expert_keys(layer, e)
-                    layout[gate] = layout[up] = (two_i // 2, hidden)
-                    layout[down] = (hidden, two_i // 2)
+                layout |= spec.storage.disk_shapes(spec.experts_base(layer), n, two_i // 2, hidden)
             continue
-        if rel.startswith(spec.moe_module + "."):
+        if spec.router_memory and rel == f"{spec.moe_module}.{spec.router_memory}":
+            rel = f"{spec.moe_disk}.{spec.router}"
+        elif rel.startswith(spec.moe_module + "."):
             rel = spec.moe_disk + rel[len(spec.moe_module):]
         layout[spec.layer_prefix(layer) + rel] = tuple(tensor.shape)
     return layout

@@ -1,7 +1,8 @@
 """`ArchSpec`: one MoE family's row, as data (key templates, config keys) plus the named strategies it uses.
 
-Disk templates are relative to the decoder layer prefix (`layers_prefix` + layer index + "."); `{e}` is the expert
-index. Everything the engine does differently per family is read from these fields, never from the family's name.
+Disk keys are relative to the decoder layer prefix (`layers_prefix` + layer index + "."); how the routed experts
+are stored is the row's `storage` strategy (`storage.py`). Everything the engine does differently per family is
+read from these fields, never from the family's name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hc_smoe_hub.arch.storage import ExpertStorage, PerExpert
 from hc_smoe_hub.arch.strategies import DenseLayers, ExpertActivation, ExtraLayers, Scoring
 from hc_smoe_hub.errors import HcSmoeError, UnsupportedModelError
 from hc_smoe_hub.routing import Routing
@@ -26,6 +28,11 @@ class ArchSpec:
     (they differ for Mixtral: `block_sparse_moe` on disk, `mlp` in memory). `text_config`, when set, is the key of
     the nested config that holds the language model's fields. `load_as` is the transformers `model_type` the
     family is built and written as, when its own is not one transformers knows (Kimi K2's `kimi_k2` is DeepSeek-V3).
+    `router_memory` is the router's name in the MoE block in memory when it differs from `router` on disk
+    (Granite: `router.layer.weight` on disk, `router.weight` in memory). `moe_siblings` are decoder-layer modules
+    that take the MoE block's input and whose output is added to the block's (Granite's `shared_mlp`), and
+    `residual_scale_key` the config key of the factor that sum is multiplied by before the residual is added
+    (Granite's `residual_multiplier`).
     """
 
     family: str
@@ -38,9 +45,10 @@ class ArchSpec:
     moe_norm_module: str = "post_attention_layernorm"  # the norm whose output feeds the MoE block
     experts_module: str = "experts"  # the routed experts inside the MoE block, called (hidden, top_k_index, weights)
     router: str = "gate.weight"
-    expert_gate: str = "experts.{e}.gate_proj.weight"
-    expert_up: str = "experts.{e}.up_proj.weight"
-    expert_down: str = "experts.{e}.down_proj.weight"
+    router_memory: str | None = None
+    storage: ExpertStorage = field(default_factory=PerExpert)
+    moe_siblings: tuple[str, ...] = ()
+    residual_scale_key: str | None = None
     top_k_key: str = "num_experts_per_tok"
     scoring: Scoring = field(default_factory=Scoring)
     activation: ExpertActivation = field(default_factory=ExpertActivation)
@@ -165,7 +173,20 @@ class ArchSpec:
         name = self.scoring.logit_bias
         return f"{self.layer_prefix(layer)}{self.moe_disk}.{name}" if name else None
 
+    def experts_base(self, layer: int) -> str:
+        """The prefix the storage strategy's keys are relative to: the layer's MoE block on disk."""
+        return f"{self.layer_prefix(layer)}{self.moe_disk}."
+
+    def layer_expert_keys(self, layer: int, n: int) -> list[str]:
+        """Every on-disk key holding one layer's n routed experts."""
+        return self.storage.keys(self.experts_base(layer), n)
+
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
-        """On-disk keys of (gate, up, down) of one expert."""
-        base = f"{self.layer_prefix(layer)}{self.moe_disk}."
-        return tuple(base + t.format(e=expert) for t in (self.expert_gate, self.expert_up, self.expert_down))
+        """On-disk keys of (gate, up, down) of one expert, for per-expert storage only."""
+        if not isinstance(self.storage, PerExpert):
+            raise TypeError(f"{self.family} stores its experts fused: there are no per-expert keys")
+        return self.storage.expert_keys(self.experts_base(layer), expert)
+
+    def residual_scale(self, config: dict[str, Any]) -> float | None:
+        """The factor the MoE output is scaled by before the residual is added, when the family has one."""
+        return float(self.cfg(config).get(self.residual_scale_key, 1.0)) if self.residual_scale_key else None

@@ -35,7 +35,9 @@ def _flag(config: dict[str, Any], rule: str) -> bool:
 class Scoring:
     """Router scoring of one family.
 
-    `scores`: "softmax" (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2) or "sigmoid" (DeepSeek-V3, Kimi K2, GLM-4.5).
+    `scores`: "softmax" (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2), "sigmoid" (DeepSeek-V3, Kimi K2, GLM-4.5) or
+    "topk-softmax" (Granite MoE: top-k on the logits, then the softmax over the k chosen; set `renormalize`
+    "always", which it is in exact arithmetic).
     `renormalize`: "always", "never" or the config key that decides (`norm_topk_prob`); DeepSeek-V2's transformers
     router never renormalizes, whatever its config says, and the rows follow the module, not the config.
     `bias`: the router tensor (relative to the MoE block on disk) added to the scores for the choice only.

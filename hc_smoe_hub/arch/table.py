@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hc_smoe_hub.arch.spec import ArchSpec
+from hc_smoe_hub.arch.storage import Fused, PerExpert
 from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
 from hc_smoe_hub.errors import UnsupportedModelError
 
@@ -18,6 +19,20 @@ _SIGMOID_GROUPED = Scoring(scores="sigmoid", renormalize="norm_topk_prob", bias=
 _MTP = ExtraLayers(count_keys=("num_nextn_predict_layers", "num_mtp_layers"))
 _SHARED = "shared_experts copied unchanged"
 _OLD_TESTED = "tiny checkpoint (tests/test_engine.py, tests/test_baselines.py): keep N identical, stock load, methods"
+# Granite MoE: fused `input_linear` (E, 2I, H) / `output_linear` (E, H, I) experts, router `router.layer`, top-k on
+# the logits then softmax over the k chosen, and `residual_multiplier` scaling the MoE (plus shared MLP) output.
+_GRANITE = dict(
+    expert_count_keys=("num_local_experts",),
+    moe_disk="block_sparse_moe",
+    moe_module="block_sparse_moe",
+    router="router.layer.weight",
+    router_memory="router.weight",
+    storage=Fused(gate_up="input_linear.weight", down="output_linear.weight"),
+    scoring=Scoring(scores="topk-softmax", renormalize="always"),
+    residual_scale_key="residual_multiplier",
+)
+_GRANITE_TESTED = ("tiny checkpoint in the Hub's fused layout (tests/test_granite.py): default and --paper, keep N "
+                   "identical, stock load, reduced router routes as planned")
 
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -27,9 +42,7 @@ SPECS: tuple[ArchSpec, ...] = (
         hub_example="mistralai/Mixtral-8x7B-v0.1",
         tested=_OLD_TESTED,
         moe_disk="block_sparse_moe",
-        expert_gate="experts.{e}.w1.weight",
-        expert_up="experts.{e}.w3.weight",
-        expert_down="experts.{e}.w2.weight",
+        storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
         scoring=Scoring(renormalize="always"),
         shared_expert_note="`block_sparse_moe` on disk",
     ),
@@ -124,6 +137,32 @@ SPECS: tuple[ArchSpec, ...] = (
                         group_when=("topk_method", "group_limited_greedy"), scaling_key="routed_scaling_factor"),
         dense=DenseLayers("first-k"),
         shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied",
+    ),
+    ArchSpec(
+        family="Granite MoE (3.0 / 3.1)",
+        model_types=("granitemoe",),
+        hub_example="ibm-granite/granite-3.1-3b-a800m-instruct",
+        tested=_GRANITE_TESTED,
+        shared_expert_note="fused experts on disk, written back fused; top-k then softmax router",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="Granite MoE with shared experts",
+        model_types=("granitemoeshared",),
+        hub_example="ibm-research/moe-7b-1b-active-shared-experts",
+        tested=_GRANITE_TESTED,
+        moe_siblings=("shared_mlp",),
+        shared_expert_note="fused experts, written back fused; `shared_mlp` copied unchanged",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="Granite 4.0 hybrid (Mamba-2 + attention, MoE)",
+        model_types=("granitemoehybrid",),
+        hub_example="ibm-granite/granite-4.0-h-tiny",
+        tested=_GRANITE_TESTED + "; calibration without padding only",
+        moe_siblings=("shared_mlp",),
+        shared_expert_note="fused experts, written back fused; `shared_mlp` and the Mamba-2 mixers copied unchanged",
+        **_GRANITE,
     ),
 )
 

@@ -89,13 +89,19 @@ class QuantSource:
         parts = self.inner.read(self.quantized[key], device)
         return self.fmt.dequantize(parts, key, dtype)
 
-    def read_rows(self, key: str, index: int | slice, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows `index` of a logical tensor's first dim (one expert ``[e]`` of a fused ``(E, ...)`` weight): for a
-        quantized weight the same rows of its blocks and scales are read and only they are dequantized."""
-        if key not in self.quantized:
-            return self.inner.read_rows(key, index, device)
-        parts = {k: self.inner.read_rows(k, index, device) for k in self.quantized[key]}
-        return self.fmt.dequantize(parts, key, self.dtype)
+    def read_rows(self, keys: Iterable[str], index: int | slice,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Rows `index` of each logical tensor's first dim (one expert ``[e]`` of a fused ``(E, ...)`` weight), as
+        `SourceCheckpoint.read_rows`: for a quantized weight the same rows of its blocks and scales are read and
+        only they are dequantized."""
+        keys = list(keys)
+        plain = [k for k in keys if k not in self.quantized]
+        out = self.inner.read_rows(plain, index, device) if plain else {}
+        for key in keys:
+            if key in self.quantized:
+                parts = self.inner.read_rows(self.quantized[key], index, device)
+                out[key] = self.fmt.dequantize(parts, key, self.dtype)
+        return {k: out[k] for k in keys}
 
     def copy_raw(self, key: str) -> Iterator[bytes]:
         """The logical tensor's bytes: a quantized weight's are its dequantized values in the compute dtype.
