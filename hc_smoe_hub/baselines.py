@@ -186,7 +186,7 @@ def m_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     their smallest member; `extra["centres"]` names each group's centre.
     """
     centres = top_ids(ctx.stats.counts, ctx.keep)
-    prof = ctx.stats.router_logits.float().T  # (N, T)
+    prof = ctx.routing.biased(ctx.stats.router_logits).T  # (N, T), with the router's own bias when it has one
     prof = prof / prof.norm(dim=1, keepdim=True).clamp(min=1e-12)
     sim = (prof @ prof[centres].T).cpu()  # (N, K), centres in ascending id order
     members: dict[int, list[int]] = {c: [c] for c in centres}

@@ -20,7 +20,7 @@ class LayerStats:
     counts: torch.Tensor  # (N,) tokens whose top-k (frequency top-k) includes i
     prob_mass: torch.Tensor  # (N,) summed router score (softmax or sigmoid, unbiased) over tokens
     saliency: torch.Tensor  # (N,) REAP: mean over routed tokens of gate weight * ||E_i(x)||
-    router_logits: torch.Tensor  # (T, N) fp32
+    router_logits: torch.Tensor  # (T, N) fp32, x @ W^T without the router's own bias (`Routing.biased` adds it)
     tokens: int
     routed_output: torch.Tensor  # (T, H) fp32: the original routed block output on every calibration token
     sample_rows: torch.Tensor | None = None  # (S,) the calibration tokens on which merge errors are measured

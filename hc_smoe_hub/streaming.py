@@ -466,3 +466,5 @@ class StreamingMerger:
             raise RuntimeError(f"method {self.s.options.method} returned a plan of the wrong size")
         if plan.experts.gate.shape[1:] != experts.gate.shape[1:]:
             raise RuntimeError("merged experts changed shape")
+        if plan.experts.has_bias != experts.has_bias:
+            raise RuntimeError(f"method {self.s.options.method} dropped or invented the experts' biases")

@@ -150,6 +150,10 @@ class ArchSpec:
                         "routed_scaling_factor": r.scale},
             "moe_layers": self.moe_layer_ids(config),
         }
+        if self.scoring.logit_bias:
+            out["routing"]["router_bias"] = self.scoring.logit_bias
+        if self.activation != ExpertActivation():
+            out["activation"] = self.activation.kind
         if extra:
             out["mtp_layers"] = {"count": extra, "action": "dropped",
                                  "config": self.extra_layers.reduced(self.cfg(config))}

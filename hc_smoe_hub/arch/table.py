@@ -10,7 +10,7 @@ from typing import Any
 
 from hc_smoe_hub.arch.spec import ArchSpec
 from hc_smoe_hub.arch.storage import Fused, PerExpert
-from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
+from hc_smoe_hub.arch.strategies import DenseLayers, ExpertActivation, ExtraLayers, Scoring
 from hc_smoe_hub.errors import UnsupportedModelError
 
 # DeepSeek-V3's router: sigmoid scores, a selection-only bias, grouped top-k, renormalized, scaled.
@@ -163,6 +163,25 @@ SPECS: tuple[ArchSpec, ...] = (
         moe_siblings=("shared_mlp",),
         shared_expert_note="fused experts, written back fused; `shared_mlp` and the Mamba-2 mixers copied unchanged",
         **_GRANITE,
+    ),
+    ArchSpec(
+        family="gpt-oss",
+        model_types=("gpt_oss",),
+        expert_count_keys=("num_local_experts",),
+        hub_example="openai/gpt-oss-20b",
+        tested="tiny checkpoints in the Hub's fused layout, BF16-style and MXFP4 (tests/test_gptoss.py): default and "
+        "--paper, keep N identical, stock load, reduced router routes as planned; expert math against "
+        "transformers' GptOssMLP (tests/test_gptoss_math.py)",
+        # Fused (E, H, 2I) experts, gate and up interleaved, with per-expert biases; a router bias on the logits,
+        # top-k then softmax; the clamped GLU (swiglu_alpha, swiglu_limit); attention sinks need eager attention.
+        router="router.weight",
+        storage=Fused(gate_up="experts.gate_up_proj", down="experts.down_proj", transposed=True, interleaved=True,
+                      gate_up_bias="experts.gate_up_proj_bias", down_bias="experts.down_proj_bias"),
+        scoring=Scoring(scores="topk-softmax", renormalize="always", logit_bias="router.bias"),
+        activation=ExpertActivation("clamped-glu"),
+        attn_implementation="eager",
+        shared_expert_note="fused experts with biases, written back fused (MXFP4 sources re-quantized, or "
+        "`--dtype bfloat16`); router bias reduced with the router rows",
     ),
 )
 

@@ -155,6 +155,26 @@ class QuantWriter(ShardedWriter):
         for key, part in self.source.fmt.quantize(tensor, name).items():
             super().write(key, part.to(torch_dtype(self.slots[key][2].dtype)))
 
+    def write_rows(self, name: str, index: int, tensor: torch.Tensor) -> None:
+        """Row `index` (one expert) of a fused weight, as `write` treats a whole one: quantized with the source's
+        scheme (that row's blocks and scales: MXFP4 scales rows, not experts), cast to `out_dtype`, or, when it
+        equals the source's row `index`, the source's own bytes for that row (keeping all N reproduces it)."""
+        if not self.source.is_quantized(name):
+            super().write_rows(name, index, tensor)
+            return
+        if self.out_dtype is not None:
+            super().write_rows(name, index, tensor.to(self.out_dtype))
+            return
+        parts = self.source.quantized[name]
+        original = self.source.read_rows([name], index, tensor.device)[name]
+        if original.shape == tensor.shape and torch.equal(original.to(tensor.dtype), tensor):
+            raw = self.source.inner.read_rows(parts, index)
+            for key in parts:
+                super().write_rows(key, index, raw[key])
+            return
+        for key, part in self.source.fmt.quantize(tensor, name).items():
+            super().write_rows(key, index, part.to(torch_dtype(self.slots[key][2].dtype)))
+
     def write_chunks(self, name: str, chunks: Iterable[bytes]) -> None:
         if not self.source.is_quantized(name):
             super().write_chunks(name, chunks)

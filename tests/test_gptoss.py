@@ -1,0 +1,138 @@
+"""gpt-oss end to end: tiny checkpoints built with the real transformers class and saved by `save_pretrained`, which
+writes the Hub's layout (fused `mlp.experts.gate_up_proj` (E, H, 2I) with gate/up interleaved, `gate_up_proj_bias`,
+`down_proj` (E, I, H), `down_proj_bias`, `mlp.router.weight` and `.bias`), plus the same model with its experts in
+MXFP4 as openai/gpt-oss-* store them; merged through the CLI and loaded back with stock `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_families import IDS, _sorted_choice, calibration_ids, run_cli
+from transformers import AutoModelForCausalLM
+
+from hc_smoe_hub.architectures import spec_for
+from hc_smoe_hub.checkpoint import SourceCheckpoint
+from hc_smoe_hub.routing import route
+from hc_smoe_hub.synthetic import build_tiny_moe
+
+N, KEEP = 8, 4
+EXPERT_SUFFIXES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "_blocks", "_scales")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpt_oss")
+    return {"bf16": build_tiny_moe(root / "bf16", "gpt_oss", dtype=torch.bfloat16),
+            "mxfp4": build_tiny_moe(root / "mxfp4", "gpt_oss", mxfp4=True)}
+
+
+def load(directory: Path):
+    """Stock transformers' model, parameters copied out of the mmapped shards (see tests/test_granite.py)."""
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model.eval(), info
+
+
+def is_expert_or_router(key: str) -> bool:
+    return ".mlp.experts." in key or ".mlp.router." in key
+
+
+@pytest.mark.parametrize("kind", ["bf16", "mxfp4"])
+def test_keeping_every_expert_reproduces_the_source(kind, gpt_oss_models, merge_args, tmp_path):
+    src = gpt_oss_models[kind]
+    out = tmp_path / "out"
+    run_cli(src, out, N, merge_args)
+    model, info = load(out)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, load(src)[0](IDS).logits)
+    a, b = SourceCheckpoint(src), SourceCheckpoint(out)
+    assert set(a.tensors) == set(b.tensors)  # MXFP4 stays MXFP4: the same blocks and scales, byte for byte
+    assert all(b"".join(a.copy_raw(k)) == b"".join(b.copy_raw(k)) for k in a.tensors)
+
+
+def _router_io(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(router input, chosen indices, weights) of one layer's GptOssTopKRouter on `ids`."""
+    seen = {}
+
+    def hook(_m, args, output):
+        seen["x"], seen["w"], seen["i"] = args[0], output[1], output[2]
+
+    handle = model.model.layers[layer].mlp.router.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    return seen["x"], seen["i"], seen["w"]
+
+
+PLANNED = [("bf16", []), ("bf16", ["--paper"]), ("mxfp4", []), ("mxfp4", ["--dtype", "bfloat16"])]
+
+
+@pytest.mark.parametrize(("kind", "extra"), PLANNED, ids=["bf16-default", "bf16-paper", "mxfp4-default",
+                                                           "mxfp4-to-bf16"])
+def test_reduced_checkpoint_stays_fused_loads_and_routes_as_planned(kind, extra, gpt_oss_models, merge_args,
+                                                                   calib_file, tmp_path):
+    src = gpt_oss_models[kind]
+    out = tmp_path / "out"
+    prov = run_cli(src, out, KEEP, merge_args, *extra)
+    arch = prov["architecture"]
+    assert arch["routing"]["scores"] == "topk-softmax" and arch["routing"]["router_bias"] == "router.bias"
+    assert arch["activation"] == "clamped-glu"
+    model, info = load(out)
+    assert not any(info.values()), info
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == KEEP and config["num_experts_per_tok"] == 2
+    assert ("quantization_config" in config) == (kind == "mxfp4" and not extra)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+    a, b = SourceCheckpoint(src), SourceCheckpoint(out)
+    expected_keys = set(a.tensors)  # fused stays fused, biases included; MXFP4 stays MXFP4 unless --dtype
+    if "--dtype" in extra:
+        expected_keys = {k.removesuffix("_blocks") for k in expected_keys if not k.endswith("_scales")}
+    assert set(b.tensors) == expected_keys
+    for key, info_b in b.tensors.items():
+        if key in a.tensors and not is_expert_or_router(key):
+            assert b"".join(a.copy_raw(key)) == b"".join(b.copy_raw(key)), key  # attention, sinks, norms, head
+        if is_expert_or_router(key):
+            assert info_b.shape[0] == KEEP, key
+    spec = spec_for(json.loads((src / "config.json").read_text()))
+    ids = calibration_ids(src, calib_file)
+    for layer in prov["layers"]:
+        li, clusters = layer["layer"], layer["clusters"]
+        assert len(clusters) == KEEP and sorted(i for c in clusters for i in c) == list(range(N))
+        router_key, bias_key = spec.router_key(li), spec.logit_bias_key(li)
+        assert bias_key is not None
+        got = b.read([router_key, bias_key])
+        # The stock router of the reduced model chooses exactly what route() says for the written router and bias.
+        x, idx, w = _router_io(model, li, ids)
+        routing = spec.routing(config, logit_bias=got[bias_key].float())
+        ours_w, ours_i = route(x.float() @ got[router_key].float().T, routing)
+        got_i, got_w = _sorted_choice(idx, w)
+        exp_i, exp_w = _sorted_choice(ours_i, ours_w)
+        assert torch.equal(got_i, exp_i)
+        assert torch.allclose(got_w.float(), exp_w, atol=1e-2 if got_w.dtype == torch.bfloat16 else 1e-6)
+    if "--paper" in extra:  # a frequency merge of a singleton cluster is the member itself, biases included
+        first = prov["layers"][0]
+        base = spec.experts_base(first["layer"])
+        for k, e in ((k, c[0]) for k, c in enumerate(first["clusters"]) if len(c) == 1):
+            for name in ("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj_bias"):
+                key = base + name
+                assert torch.equal(b.read_rows([key], k)[key], a.read_rows([key], e)[key]), key
+
+
+def test_the_row_reads_gpt_oss_math_from_the_config(gpt_oss_models):
+    config = json.loads((gpt_oss_models["bf16"] / "config.json").read_text())
+    spec = spec_for(config)
+    act = spec.act({**config, "swiglu_limit": 5.0})
+    assert (act.alpha, act.limit) == (config["swiglu_alpha"], 5.0)
+    routing = spec.routing(config, logit_bias=torch.zeros(N))
+    assert routing.scoring == "topk-softmax" and not routing.plain_softmax
+    assert spec.attn_implementation == "eager"  # attention sinks: transformers has no sdpa path for gpt-oss
