@@ -136,3 +136,23 @@ def test_the_row_reads_gpt_oss_math_from_the_config(gpt_oss_models):
     routing = spec.routing(config, logit_bias=torch.zeros(N))
     assert routing.scoring == "topk-softmax" and not routing.plain_softmax
     assert spec.attn_implementation == "eager"  # attention sinks: transformers has no sdpa path for gpt-oss
+
+
+def test_pruning_an_mxfp4_source_keeps_each_kept_experts_bytes(gpt_oss_models, merge_args, tmp_path):
+    """A pruned expert is written unchanged: its MXFP4 blocks and scales (and biases) are the source's row, even
+    when it moves to another row (re-quantizing a dequantized MXFP4 row gives back the same bytes)."""
+    src = gpt_oss_models["mxfp4"]
+    out = tmp_path / "out"
+    prov = run_cli(src, out, KEEP, merge_args, "--method", "f-prune")
+    a, b = SourceCheckpoint(src), SourceCheckpoint(out)
+    moved = 0
+    for layer in prov["layers"]:
+        kept = [c[0] for c in layer["clusters"]]
+        moved += sum(k != e for k, e in enumerate(kept))
+        base = f"model.layers.{layer['layer']}.mlp.experts."
+        for name in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales",
+                     "gate_up_proj_bias", "down_proj_bias"):
+            key = base + name
+            for k, e in enumerate(kept):
+                assert torch.equal(b.read_rows([key], k)[key], a.read_rows([key], e)[key]), (key, k, e)
+    assert moved  # some kept expert changed rows, so the bytes were not merely copied in place
