@@ -121,8 +121,12 @@ class SourceCheckpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def read(self, keys: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Load the given tensors; each shard is opened once and closed (unmapped) before returning."""
+    def read(self, keys: Iterable[str], device: str | torch.device = "cpu",
+             index: int | None = None) -> dict[str, torch.Tensor]:
+        """Load the given tensors; each shard is opened once and closed (unmapped) before returning.
+
+        With `index`, only row `index` along dim 0 of each tensor is read (one expert of a fused (E, ...) tensor),
+        never the rest of it. Every weight the engine reads goes through this one method."""
         keys = list(keys)
         by_file: dict[Path, list[str]] = {}
         for key in keys:
@@ -131,22 +135,7 @@ class SourceCheckpoint:
         for path, file_keys in by_file.items():
             with safe_open(str(path), framework="pt", device=str(device)) as fh:
                 for key in file_keys:
-                    out[key] = fh.get_tensor(key)
-        return {k: out[k] for k in keys}
-
-    def read_rows(self, keys: Iterable[str], index: int | slice,
-                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Row `index` along dim 0 of each given tensor (one expert of a fused (E, ...) tensor), read without
-        reading the rest of the tensor; each shard is opened once."""
-        keys = list(keys)
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.tensors[key].file, []).append(key)
-        out: dict[str, torch.Tensor] = {}
-        for path, file_keys in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for key in file_keys:
-                    out[key] = fh.get_slice(key)[index].to(device)
+                    out[key] = fh.get_tensor(key) if index is None else fh.get_slice(key)[index].to(device)
         return {k: out[k] for k in keys}
 
     def copy_raw(self, key: str) -> Iterator[bytes]:

@@ -123,17 +123,18 @@ class StreamingMerger:
         # fails here, before any calibration.
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.hf_config)
+        self.storage = spec.storage_in(source, self.moe_layers[0], self.n_experts)  # the layout this source has
         for layer in self.moe_layers:
-            spec.storage.check(source, spec.experts_base(layer), self.n_experts)
+            self.storage.check(source, spec.experts_base(layer), self.n_experts)
         self.residual_scale = spec.residual_scale(config)
 
     # ---------- output plan ----------
     def output_plan(self) -> list[OutputTensor]:
-        keep, storage = self.s.keep, self.spec.storage
+        keep, storage = self.s.keep, self.storage
         expert_keys: set[str] = set()
         expert_shapes: dict[str, tuple[int, ...]] = {}  # the storage's output keys of K experts, with their shapes
         for layer in self.moe_layers:
-            keys = self.spec.layer_expert_keys(layer, self.n_experts)
+            keys = storage.keys(self.spec.experts_base(layer), self.n_experts)
             expert_keys.update(keys)
             expert_shapes.update(storage.output_shapes(self.spec.experts_base(layer), self.n_experts, keep,
                                                        {k: self.src.tensors[k].shape for k in keys}))
@@ -143,8 +144,7 @@ class StreamingMerger:
         routers |= {self.spec.logit_bias_key(layer) for layer in self.moe_layers if self.spec.logit_bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
-            layer = self._layer_of(key)
-            if key in dropped or (layer is not None and layer >= self.num_layers):  # extra (MTP) layers: dropped
+            if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
             shape = (keep, *info.shape[1:]) if key in routers else expert_shapes.get(key, info.shape)
@@ -175,7 +175,7 @@ class StreamingMerger:
         release_freed_memory()
         dev = self.s.device
         for key in self._ordered_keys():
-            if not key.startswith(self.spec.layers_prefix):
+            if not key.startswith(self.spec.layers_prefix) and not self._extra(key):
                 writer.write_chunks(key, self.src.copy_raw(key))
         writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
                             and self._layer_of(k) < start_layer)
@@ -183,7 +183,8 @@ class StreamingMerger:
         rotary = model.get_submodule(self.spec.rotary_module.rpartition(".")[0])
         rotary = getattr(rotary, self.spec.rotary_module.rpartition(".")[2], None)
         if rotary is not None:  # None: a model without position embeddings (Granite 4.0 hybrids, "nope")
-            _set_module(model, self.spec.rotary_module, type(rotary)(config=self.hf_config).to(dev))
+            # The rotary module's own config: the text config, when the model's config is a composite one.
+            _set_module(model, self.spec.rotary_module, type(rotary)(config=rotary.config).to(dev))
         # The embedding pass also yields each batch's masks and rotary arguments for every decoder layer, which a
         # resumed run needs too.
         hidden, layer_kwargs = self._embed(model, blocks)
@@ -210,6 +211,11 @@ class StreamingMerger:
                 on_finished(layer_idx + 1, records, hidden)
         return records
 
+    def _extra(self, key: str) -> bool:
+        """Whether a key belongs to the extra (MTP) layers, which are dropped."""
+        layer = self._layer_of(key)
+        return (layer is not None and layer >= self.num_layers) or self.spec.extra_layers.holds(key)
+
     def _layer_of(self, key: str) -> int | None:
         """The decoder layer an on-disk key belongs to, or None for embeddings, final norm and head."""
         prefix = self.spec.layers_prefix
@@ -228,7 +234,7 @@ class StreamingMerger:
         """
         dev, cdt = self.s.device, self.s.compute_dtype
         embed = _module(model, self.spec.embed_module)
-        prefix = self.spec.embed_module + "."
+        prefix = (self.spec.embed_disk or self.spec.embed_module) + "."
         state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
         embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
         layers = list(_module(model, self.spec.layers_module))[: self.num_layers]
@@ -349,10 +355,10 @@ class StreamingMerger:
         it that take the same input (`moe_siblings`), times the residual scale when the family has one."""
         names = (self.spec.moe_module, *self.spec.moe_siblings)
         parts = [layer.get_submodule(name) for name in names]
-        for name, part in zip(names, parts, strict=True):
-            self._load(part, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         scale = self.residual_scale
         try:
+            for name, part in zip(names, parts, strict=True):
+                self._load(part, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             with torch.no_grad():
                 start = 0
                 for i, h in enumerate(hidden):
@@ -381,7 +387,7 @@ class StreamingMerger:
             for key in keys:
                 writer.write_chunks(key, self.src.copy_raw(key))
             return None
-        expert_keys = set(spec.layer_expert_keys(layer_idx, self.n_experts))
+        expert_keys = set(self.storage.keys(spec.experts_base(layer_idx), self.n_experts))
         tensors = self.src.read([k for k in keys if k not in expert_keys], dev)
         experts = self._read_experts(layer_idx)
         router = tensors[spec.router_key(layer_idx)]
@@ -424,7 +430,7 @@ class StreamingMerger:
             writer.write(bias_key, new_bias)
         if lb_key and logit_bias is not None and plan.logit_bias is not None:
             writer.write(lb_key, plan.logit_bias.to(logit_bias.dtype))
-        spec.storage.write(writer, spec.experts_base(layer_idx), plan.experts)
+        self.storage.write(writer, spec.experts_base(layer_idx), plan.experts)
         groups, extra = plan.groups, plan.extra
         del plan
 
@@ -452,7 +458,7 @@ class StreamingMerger:
         base = self.spec.experts_base(layer_idx)
         mats: list[torch.Tensor] = []
         for e in range(n):
-            one = self.spec.storage.read_expert(self.src, base, e, dev)
+            one = self.storage.read_expert(self.src, base, e, dev)
             if not mats:
                 mats = [torch.empty((n, *t.shape), dtype=t.dtype, device=dev) for t in one]
             for mat, t in zip(mats, one, strict=True):

@@ -125,7 +125,7 @@ def test_reduced_checkpoint_stays_fused_loads_and_routes_as_planned(kind, extra,
         for k, e in ((k, c[0]) for k, c in enumerate(first["clusters"]) if len(c) == 1):
             for name in ("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj_bias"):
                 key = base + name
-                assert torch.equal(b.read_rows([key], k)[key], a.read_rows([key], e)[key]), key
+                assert torch.equal(b.read([key], index=k)[key], a.read([key], index=e)[key]), key
 
 
 def test_the_row_reads_gpt_oss_math_from_the_config(gpt_oss_models):
@@ -154,5 +154,5 @@ def test_pruning_an_mxfp4_source_keeps_each_kept_experts_bytes(gpt_oss_models, m
                      "gate_up_proj_bias", "down_proj_bias"):
             key = base + name
             for k, e in enumerate(kept):
-                assert torch.equal(b.read_rows([key], k)[key], a.read_rows([key], e)[key]), (key, k, e)
+                assert torch.equal(b.read([key], index=k)[key], a.read([key], index=e)[key]), (key, k, e)
     assert moved  # some kept expert changed rows, so the bytes were not merely copied in place

@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_refusals import refuse
+from transformers import AutoConfig
 
 from hc_smoe_hub.arch.storage import Fused, PerExpert
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint, dtype_name
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.routing import Experts
+from hc_smoe_hub.synthetic import build_tokenizer
 
 N, INTER, H = 5, 6, 4
 BASE = "model.layers.0.mlp."
@@ -97,3 +100,12 @@ def test_a_fused_tensor_is_written_only_when_every_row_is(tmp_path):
     writer.finish()
     got = SourceCheckpoint(tmp_path).read(["w"])["w"]
     assert torch.equal(got[0], torch.ones(INTER, H, dtype=torch.bfloat16)) and not got[1].any()
+
+
+def test_llama4_is_refused_with_the_reason(tmp_path, capsys, merge_args):
+    src = tmp_path / "llama4"
+    AutoConfig.for_model("llama4", text_config={"num_local_experts": 4, "hidden_size": 16}).save_pretrained(src)
+    build_tokenizer(src)
+    out = tmp_path / "out"
+    refuse(capsys, [str(src), "--keep", "2", "--output-dir", str(out), *merge_args], out,
+           "Llama 4", "multiplies each expert's INPUT", "not supported", "Granite")

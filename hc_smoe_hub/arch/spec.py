@@ -8,6 +8,7 @@ read from these fields, never from the family's name.
 from __future__ import annotations
 
 import copy
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ class ArchSpec:
     (Granite: `router.layer.weight` on disk, `router.weight` in memory). `moe_siblings` are decoder-layer modules
     that take the MoE block's input and whose output is added to the block's (Granite's `shared_mlp`), and
     `residual_scale_key` the config key of the factor that sum is multiplied by before the residual is added
-    (Granite's `residual_multiplier`).
+    (Granite's `residual_multiplier`). `layers_prefix` is the decoder layers' on-disk prefix, `layers_module`,
+    `embed_module` and `rotary_module` their places in the model the engine builds (`embed_disk`: the
+    embedding's on-disk name where it differs, as in a vision-language checkpoint read by the text-only class).
     """
 
     family: str
@@ -47,6 +50,9 @@ class ArchSpec:
     router: str = "gate.weight"
     router_memory: str | None = None
     storage: ExpertStorage = field(default_factory=PerExpert)
+    # Other layouts the family is found in (Qwen3.5: fused on the Hub, per expert when saved by transformers 5),
+    # used when the first layer's keys of `storage` are absent; the output keeps the layout the source has.
+    other_storages: tuple[ExpertStorage, ...] = ()
     moe_siblings: tuple[str, ...] = ()
     residual_scale_key: str | None = None
     top_k_key: str = "num_experts_per_tok"
@@ -59,6 +65,7 @@ class ArchSpec:
     layers_prefix: str = "model.layers."
     rotary_module: str = "model.rotary_emb"
     embed_module: str = "model.embed_tokens"
+    embed_disk: str | None = None  # the embedding's on-disk name when it differs (Qwen3.5's model.language_model.)
     layers_module: str = "model.layers"
     shared_expert_note: str = ""
     attn_implementation: str = "sdpa"  # what the streaming skeleton runs; "eager" where sdpa is unsupported
@@ -181,9 +188,13 @@ class ArchSpec:
         """The prefix the storage strategy's keys are relative to: the layer's MoE block on disk."""
         return f"{self.layer_prefix(layer)}{self.moe_disk}."
 
-    def layer_expert_keys(self, layer: int, n: int) -> list[str]:
-        """Every on-disk key holding one layer's n routed experts."""
-        return self.storage.keys(self.experts_base(layer), n)
+    def storage_in(self, keys: Container[str], layer: int, n: int) -> ExpertStorage:
+        """The storage whose keys of `layer` are all in `keys` (the first one when none: its check names what is
+        missing)."""
+        for storage in (self.storage, *self.other_storages):
+            if all(k in keys for k in storage.keys(self.experts_base(layer), n)):
+                return storage
+        return self.storage
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         """On-disk keys of (gate, up, down) of one expert, for per-expert storage only."""

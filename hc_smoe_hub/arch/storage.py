@@ -9,8 +9,9 @@
   `gate_up_bias` / `down_bias` keys, per-expert biases (E, 2I) / (E, H) laid out like the gate/up axis (gpt-oss).
 
 Every strategy names the on-disk keys that hold a layer's experts, reads ONE expert at a time (a fused tensor is
-sliced along dim 0 with `SourceCheckpoint.read_rows`, never read whole), plans the output tensors of K experts,
-and writes K merged experts back in the source's own layout (a fused source stays fused), one expert at a time.
+sliced along dim 0 with `SourceCheckpoint.read(keys, device, index=e)`, never read whole), plans the output
+tensors of K experts, and writes K merged experts back in the source's own layout (a fused source stays fused),
+one expert at a time (`ShardedWriter.write_rows`).
 All keys are relative to `base`, the layer's MoE block prefix on disk (`model.layers.3.mlp.`).
 """
 
@@ -152,7 +153,7 @@ class Fused:
 
     def read_expert(self, src: SourceCheckpoint, base: str, e: int, device: str | torch.device) -> ExpertWeights:
         keys = self.keys(base, 0)
-        got = src.read_rows(keys, e, device)
+        got = src.read(keys, device, index=e)
         gate_up, down = got[keys[0]], got[keys[1]]
         if self.transposed:  # views: the caller copies them into its (N, ...) buffers
             gate_up, down = gate_up.T, down.T

@@ -124,7 +124,8 @@ class DenseLayers:
 @dataclass(frozen=True)
 class ExtraLayers:
     """Layers stored after the last decoder layer that the transformers class does not build (DeepSeek-V3 and
-    GLM-4.5's multi-token-prediction layers `model.layers.{num_hidden_layers + i}.*`).
+    GLM-4.5's multi-token-prediction layers `model.layers.{num_hidden_layers + i}.*`), or under their own
+    `key_prefixes` (Qwen3.5's `mtp.*`).
 
     They are dropped from the output and every `count_keys` entry set to 0, so the reduced config says what the
     checkpoint holds; the provenance records it. Reducing them too would need the MTP head, which transformers
@@ -132,6 +133,11 @@ class ExtraLayers:
     """
 
     count_keys: tuple[str, ...] = ()
+    key_prefixes: tuple[str, ...] = ()
+
+    def holds(self, key: str) -> bool:
+        """Whether an on-disk key belongs to extra layers stored under their own prefix."""
+        return bool(self.key_prefixes) and key.startswith(self.key_prefixes)
 
     def count(self, config: dict[str, Any]) -> int:
         return max((int(config.get(k) or 0) for k in self.count_keys), default=0)

@@ -139,6 +139,27 @@ SPECS: tuple[ArchSpec, ...] = (
         shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied",
     ),
     ArchSpec(
+        family="Qwen3.5 / Qwen3.6 MoE",
+        model_types=("qwen3_5_moe",),
+        expert_count_keys=("num_experts",),
+        hub_example="Qwen/Qwen3.5-397B-A17B",
+        tested="tiny vision-language checkpoint in the Hub's layout, fused experts and `mtp.*` weights "
+        "(tests/test_qwen3_5_moe.py): default and --paper, keep N identical, stock load, reduced router routes as "
+        "planned; calibration without padding only",
+        # The Hub repos are vision-language checkpoints (`text_config`, `model.language_model.*`); the engine runs
+        # the text-only class AutoModelForCausalLM builds for them (`model.layers`), which loads the output too.
+        text_config="text_config",
+        layers_prefix="model.language_model.layers.",
+        embed_disk="model.language_model.embed_tokens",
+        storage=Fused(),
+        other_storages=(PerExpert(),),  # as transformers 5's save_pretrained writes it
+        scoring=Scoring(renormalize="always"),
+        extra_layers=ExtraLayers(count_keys=("mtp_num_hidden_layers",), key_prefixes=("mtp.",)),
+        shared_expert_note="fused experts, written back fused; shared_expert and its gate, the Gated DeltaNet "
+        "layers and the vision tower (`model.visual.*`) copied unchanged; MTP weights (`mtp.*`) dropped "
+        "(`mtp_num_hidden_layers` set to 0)",
+    ),
+    ArchSpec(
         family="Granite MoE (3.0 / 3.1)",
         model_types=("granitemoe",),
         hub_example="ibm-granite/granite-3.1-3b-a800m-instruct",
@@ -186,6 +207,16 @@ SPECS: tuple[ArchSpec, ...] = (
 )
 
 
+# MoE families that are known and refused on purpose: model_type -> why, in one line (shown to the user).
+NOT_SUPPORTED: dict[str, str] = {
+    "llama4": "Llama 4 (llama4) is not supported: its router's top-1 sigmoid score multiplies each expert's INPUT "
+    "(E(s*x), not s*E(x)), and the merge statistics, the merging methods and their refits all assume output "
+    "weighting, so a merged Llama 4 would be wrong; its fused transposed experts (E, H, 2I) could be read "
+    "(arch/storage.Fused(transposed=True)) but the routing math is not done",
+}
+NOT_SUPPORTED["llama4_text"] = NOT_SUPPORTED["llama4"]
+
+
 def supported_families() -> str:
     return ", ".join(f"{s.family} ({'/'.join(s.model_types)})" for s in SPECS)
 
@@ -204,6 +235,8 @@ def supported_table() -> str:
 def spec_for(config: dict[str, Any]) -> ArchSpec:
     """The spec of a config.json, or a one-line refusal naming the supported families."""
     model_type = config.get("model_type", "<missing>")
+    if model_type in NOT_SUPPORTED:
+        raise UnsupportedModelError(f"{NOT_SUPPORTED[model_type]}; supported: {supported_families()}")
     for spec in SPECS:
         if model_type in spec.model_types:
             if not any(spec.cfg(config).get(k) for k in spec.expert_count_keys):

@@ -3,8 +3,9 @@
 `QuantSource` wraps a `SourceCheckpoint` whose config declares a `QuantFormat`. It lists the LOGICAL keys (an FP8
 ``x.weight`` without its ``x.weight_scale_inv``, a gpt-oss ``experts.gate_up_proj`` instead of its ``_blocks`` and
 ``_scales``) with their unquantized shapes and the compute dtype, and returns each quantized weight dequantized to
-that dtype, one weight at a time; `read_rows` dequantizes one expert ``[e]`` of a fused ``(E, ...)`` weight from its
-slice of blocks and scales. Weights that are not quantized (norms, routers, embeddings) pass through unchanged.
+that dtype, one weight at a time; `read(..., index=e)` dequantizes one expert ``[e]`` of a fused ``(E, ...)``
+weight from its slice of blocks and scales. Weights that are not quantized (norms, routers, embeddings) pass
+through unchanged.
 
 `QuantWriter` is the `ShardedWriter` for such a source. `disk_plan` turns the engine's logical output plan into the
 exact on-disk one before anything is written (the writer reserves the disk up front): with ``out_dtype=None`` every
@@ -77,31 +78,21 @@ class QuantSource:
     def is_quantized(self, key: str) -> bool:
         return key in self.quantized
 
-    def read(self, keys: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def read(self, keys: Iterable[str], device: str | torch.device = "cpu",
+             index: int | None = None) -> dict[str, torch.Tensor]:
         """Load the given logical tensors; a quantized weight is dequantized alone (its parts are read, converted
-        and dropped before the next), so at most one weight's quantized parts are held beside the results."""
+        and dropped before the next), so at most one weight's quantized parts are held beside the results. With
+        `index`, row `index` of each (one expert of a fused ``(E, ...)`` weight), as `SourceCheckpoint.read`: the
+        same rows of a quantized weight's parts are read and only they are dequantized."""
         keys = list(keys)
-        plain = self.inner.read([k for k in keys if k not in self.quantized], device)
-        return {k: plain[k] if k in plain else self.read_as(k, self.dtype, device) for k in keys}
+        plain = self.inner.read([k for k in keys if k not in self.quantized], device, index=index)
+        return {k: plain[k] if k in plain else self.read_as(k, self.dtype, device, index) for k in keys}
 
-    def read_as(self, key: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One quantized weight dequantized to `dtype`."""
-        parts = self.inner.read(self.quantized[key], device)
+    def read_as(self, key: str, dtype: torch.dtype, device: str | torch.device = "cpu",
+                index: int | None = None) -> torch.Tensor:
+        """One quantized weight (or its row `index`) dequantized to `dtype`."""
+        parts = self.inner.read(self.quantized[key], device, index=index)
         return self.fmt.dequantize(parts, key, dtype)
-
-    def read_rows(self, keys: Iterable[str], index: int | slice,
-                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Rows `index` of each logical tensor's first dim (one expert ``[e]`` of a fused ``(E, ...)`` weight), as
-        `SourceCheckpoint.read_rows`: for a quantized weight the same rows of its blocks and scales are read and
-        only they are dequantized."""
-        keys = list(keys)
-        plain = [k for k in keys if k not in self.quantized]
-        out = self.inner.read_rows(plain, index, device) if plain else {}
-        for key in keys:
-            if key in self.quantized:
-                parts = self.inner.read_rows(self.quantized[key], index, device)
-                out[key] = self.fmt.dequantize(parts, key, self.dtype)
-        return {k: out[k] for k in keys}
 
     def copy_raw(self, key: str) -> Iterator[bytes]:
         """The logical tensor's bytes: a quantized weight's are its dequantized values in the compute dtype.
@@ -166,9 +157,9 @@ class QuantWriter(ShardedWriter):
             super().write_rows(name, index, tensor.to(self.out_dtype))
             return
         parts = self.source.quantized[name]
-        original = self.source.read_rows([name], index, tensor.device)[name]
-        if original.shape == tensor.shape and torch.equal(original.to(tensor.dtype), tensor):
-            raw = self.source.inner.read_rows(parts, index)
+        original = self.source.read_as(name, tensor.dtype, tensor.device, index)
+        if original.shape == tensor.shape and torch.equal(original, tensor):
+            raw = self.source.inner.read(parts, index=index)
             for key in parts:
                 super().write_rows(key, index, raw[key])
             return
