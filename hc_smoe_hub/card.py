@@ -131,6 +131,14 @@ def architecture_notes(arch: Mapping[str, Any]) -> list[str]:
     if arch.get("written_as"):
         notes.append(f"**model_type:** written as `{arch['written_as']}`, the transformers class of this "
                      "architecture, so that stock transformers loads it without remote code")
+    weights = arch.get("weights_format")
+    if weights and weights.get("output") == "re-quantized":
+        notes.append(f"**Quantized weights:** the source is {weights['source_format']}; the merged experts were "
+                     "re-quantized with the same scheme and block size, every other tensor is copied unchanged and "
+                     "`quantization_config` is kept")
+    elif weights:
+        notes.append(f"**Dequantized weights:** the source is {weights['source_format']}; this checkpoint is "
+                     f"written dequantized in {weights['output_format']} and has no `quantization_config`")
     routing = arch.get("routing") or {}
     if routing.get("selection_bias"):
         notes.append("**Router selection bias:** each merged expert's `e_score_correction_bias` is reduced by the "

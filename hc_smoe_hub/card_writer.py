@@ -6,6 +6,7 @@ comes from the checkpoint's provenance, so both write the same card.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -18,6 +19,8 @@ import torch
 
 from hc_smoe_hub import __version__
 from hc_smoe_hub.checkpoint import SourceCheckpoint
+from hc_smoe_hub.quant import format_for
+from hc_smoe_hub.quant.io import QuantSource
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,13 @@ def hardware_description(device: torch.device) -> str:
 
 
 def checkpoint_size(directory: Path) -> tuple[int, int]:
-    """(parameters, bytes on disk) of a safetensors checkpoint directory."""
-    ckpt = SourceCheckpoint(directory)
+    """(parameters, bytes on disk) of a safetensors checkpoint directory; a quantized one's weights are counted in
+    their unquantized shapes (no scale tensors, MXFP4 blocks counted as their values, two per byte)."""
+    ckpt: SourceCheckpoint | QuantSource = SourceCheckpoint(directory)
+    config_path = Path(directory) / "config.json"
+    fmt = format_for(json.loads(config_path.read_text())) if config_path.exists() else None
+    if fmt is not None:
+        ckpt = QuantSource(ckpt, fmt, torch.bfloat16)
     params = 0
     for info in ckpt.tensors.values():
         n = 1

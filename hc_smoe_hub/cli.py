@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    r.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    r.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16; for a "
+                   "quantized (FP8, MXFP4) source the OUTPUT's dtype: auto keeps the source's "
+                   "format, bfloat16 writes it dequantized")
     r.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     r.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     r.add_argument("-v", "--verbose", action="store_true",

@@ -244,8 +244,8 @@ def merge_checkpoint(request: MergeRequest, src_dir: Path | None = None) -> Merg
                     shutil.copy2(f, tmp / f.name)
         provenance = _provenance(request, revision, spec, config, out_config, keep, device, merger_dtype,
                                  records, timings)
-        if fmt is not None:
-            provenance["weights_format"] = weights_record(fmt, out_dtype)
+        if fmt is not None:  # the card's architecture notes say it too
+            provenance["architecture"]["weights_format"] = weights_record(fmt, out_dtype)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
         partial.finalize()
     result = MergeResult(Path(request.output_dir).resolve(), src_dir, revision, spec.family,

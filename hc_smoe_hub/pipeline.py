@@ -166,6 +166,11 @@ def run_job(request: JobRequest, on_stage: Callable[[str], None] | None = None) 
         # The family and --keep are checked on config.json alone, before gigabytes of weights come down.
         config = hub.fetch_config(mreq.source, revision=mreq.revision, token=mreq.token)
         resolve_keep(mreq.keep, spec_for(config), config)
+        from hc_smoe_hub.quant import format_for
+        from hc_smoe_hub.quant.io import quant_dtypes
+
+        if format_for(config) is not None:  # an unreadable quantization, or a --dtype it cannot be written in
+            quant_dtypes(mreq.dtype, pick_device(mreq.device))
 
     t = time.perf_counter()
     src_dir, revision = resolve_source(mreq.source, mreq.revision, mreq.token)

@@ -5,7 +5,9 @@ machine can be sized before anything is downloaded. Parameter counts follow the 
 grouped-query attention with optional q/k/v biases and q/k norms, or multi-head latent attention when the config
 has `kv_lora_rank` (DeepSeek-V3); routed experts, a shared expert (Qwen's `shared_expert_intermediate_size` with
 its one-row gate, or DeepSeek's `n_shared_experts`), dense layers (`first_k_dense_replace`, `mlp_only_layers`,
-`decoder_sparse_step`). Byte counts use the checkpoint's dtype (`dtype` / `torch_dtype`, bf16 when absent).
+`decoder_sparse_step`). Byte counts use the checkpoint's dtype (`dtype` / `torch_dtype`, bf16 when absent); an
+FP8-block source (`quantization_config` fp8) is 1 byte per weight on disk (its default output too: the merged
+experts are re-quantized) and 2 in the merge's memory (its weights are dequantized to bf16 on a GPU).
 
 The merge figure (`merge_peak_bytes`) is a formula of the streaming engine's buffers, checked against its
 measured peak at real layer shapes (benchmarks/real_shapes.py, benchmarks/RESULTS.md); it does not grow with depth.
@@ -40,8 +42,18 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return nested if isinstance(nested, dict) else config
 
 
+def _quant_method(config: dict[str, Any]) -> str | None:
+    found = config.get("quantization_config") or text_config(config).get("quantization_config") or {}
+    return found.get("quant_method")
+
+
 def source_dtype_bytes(config: dict[str, Any]) -> int:
-    """Bytes per weight of the checkpoint as stored (its `dtype`/`torch_dtype`; bf16 when absent)."""
+    """Bytes per weight of the checkpoint as stored (its `dtype`/`torch_dtype`; bf16 when absent; 1 for FP8).
+
+    FP8 counts every weight at 1 byte: the embeddings, head, norms and routers such a checkpoint keeps in bf16 and
+    its float32 block scales are left out, about 0.3% of DeepSeek-V3 (by arithmetic from its shapes)."""
+    if _quant_method(config) == "fp8":
+        return 1
     cfg = text_config(config)
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
                or "bfloat16")
@@ -112,9 +124,16 @@ def moe_layers(config: dict[str, Any]) -> list[int]:
     return [i for i in range(layers) if i not in dense and (i + 1) % step == 0 and i >= first]
 
 
+def held_dtype_bytes(config: dict[str, Any]) -> int:
+    """Bytes per weight of a layer as the merge holds it: as stored, except that a quantized source's weights are
+    dequantized, to bf16 on a GPU (fp32 on a CPU, twice this)."""
+    return 2 if _quant_method(config) else source_dtype_bytes(config)
+
+
 def layer_weight_bytes(config: dict[str, Any]) -> int:
-    """Bytes of one MoE decoder layer's weights as stored: attention, norms, router, routed and shared experts."""
-    return (attention_params(config) + moe_block_params(config)) * source_dtype_bytes(config)
+    """Bytes of one MoE decoder layer's weights as the merge holds them (`held_dtype_bytes`): attention, norms,
+    router, routed and shared experts."""
+    return (attention_params(config) + moe_block_params(config)) * held_dtype_bytes(config)
 
 
 def _total_params(config: dict[str, Any], keep: int | None = None) -> int:
@@ -147,8 +166,9 @@ def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATIO
                      keep: int | None = None) -> int:
     """Peak resident memory of a streaming merge, on CPU (or on one GPU, the device share of it).
 
-    With L one MoE decoder layer's weight bytes as stored, E the routed experts' share of it, N and K the expert
-    counts, I and H the expert's intermediate and hidden sizes, T the calibration tokens:
+    With L one MoE decoder layer's weight bytes as held (as stored; bf16 for a quantized source), E the routed
+    experts' share of it, N and K the expert counts, I and H the expert's intermediate and hidden sizes, T the
+    calibration tokens:
 
         P + L + (K / N) E + 2 x 12 I H + 4 I^2 + 5 x 4 T H + 8 x 2048 N^2 + 256 MiB
 
@@ -164,7 +184,7 @@ def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATIO
     hidden, inter, n = int(cfg["hidden_size"]), _expert_intermediate(cfg), num_routed_experts(cfg)
     keep = n if keep is None else keep
     layer = layer_weight_bytes(config)
-    experts = n * expert_params(cfg) * source_dtype_bytes(config)
+    experts = n * expert_params(cfg) * held_dtype_bytes(config)
     working = 2 * 12 * inter * hidden + 4 * inter * inter
     search = 8 * O_PRUNE_TOKENS * n * n + O_PRUNE_BLOCK
     return int(PROCESS_BYTES + layer + keep * experts / n + working + HIDDEN_COPIES * 4 * tokens * hidden + search)

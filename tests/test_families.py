@@ -1,8 +1,8 @@
 """DeepSeek-V3/R1, Kimi K2, GLM-4.5, GLM-4-MoE-Lite and DeepSeek-V2: tiny checkpoints built with the real
 transformers classes, merged through the CLI, loaded back with stock `from_pretrained`.
 
-Also: `route()` against the transformers router modules themselves, the grouped-routing --keep refusal, the FP8
-refusal, and the README table rendered from the family table.
+Also: `route()` against the transformers router modules themselves, the grouped-routing --keep refusal, and the
+README table rendered from the family table. FP8 sources of these families: tests/test_quant_merge.py.
 """
 
 from __future__ import annotations
@@ -256,16 +256,6 @@ def test_grouped_routing_refuses_keeps_it_cannot_route(keep, family_models, merg
     out = tmp_path / "out"
     refuse(capsys, [str(family_models["deepseek_v3"]), "--keep", keep, "--output-dir", str(out), *merge_args], out,
            "grouped routing", "n_group 4", "valid --keep values: 8, 12, 16")
-
-
-def test_fp8_source_is_refused(family_models, merge_args, tmp_path, capsys):
-    src = tmp_path / "fp8"
-    shutil.copytree(family_models["deepseek_v3"], src)
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (src / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "out"
-    refuse(capsys, [str(src), "--keep", "8", "--output-dir", str(out), *merge_args], out, "FP8", "not supported")
 
 
 def test_readme_table_is_the_family_table():

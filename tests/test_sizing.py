@@ -59,6 +59,20 @@ def test_nested_text_config_and_fp32() -> None:
     assert sizing.eval_peak_bytes(wrapped, 4) - sizing.eval_peak_bytes(cfg, 2) == sizing.checkpoint_bytes(cfg, 2)
 
 
+def test_fp8_source_is_one_byte_on_disk_and_bf16_in_the_merge(tmp_path) -> None:
+    cfg = tiny_config("deepseek_v3").to_dict()
+    fp8 = {**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    assert sizing.source_dtype_bytes(cfg) == 2 and sizing.source_dtype_bytes(fp8) == 1
+    assert 2 * sizing.disk_bytes(fp8, 8, sizing.source_dtype_bytes(fp8)) == sizing.disk_bytes(cfg, 8)
+    assert sizing.layer_weight_bytes(fp8) == sizing.layer_weight_bytes(cfg)  # dequantized to bf16 while merged
+    assert sizing.merge_peak_bytes(fp8) == sizing.merge_peak_bytes(cfg)
+    # the decoder projections of a real FP8 checkpoint are 1 byte each, beside their float32 block scales
+    src = build_tiny_moe(tmp_path / "fp8", "deepseek_v3", dtype=torch.bfloat16, fp8=True)
+    tensors = SourceCheckpoint(src).tensors
+    experts = [t for k, t in tensors.items() if ".mlp.experts." in k and k.endswith("_proj.weight")]
+    assert sum(t.nbytes for t in experts) == len(experts) * sizing.expert_params(cfg) // 3
+
+
 def test_published_models() -> None:
     """Published parameter counts (model cards): Mixtral-8x7B 46.7B, Qwen1.5-MoE-A2.7B 14.3B, DeepSeek-V3 671B."""
     mixtral = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,

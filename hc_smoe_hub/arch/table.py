@@ -78,7 +78,9 @@ SPECS: tuple[ArchSpec, ...] = (
         expert_count_keys=("n_routed_experts",),
         hub_example="deepseek-ai/DeepSeek-V3",
         tested="tiny checkpoint with an MTP layer (tests/test_families.py): default and --paper, keep N identical, "
-        "stock load, reduced router routes as planned; the Hub repos are FP8 and refused for now",
+        "stock load, reduced router routes as planned; FP8-block like the Hub repos (tests/test_quant_merge.py): "
+        "default and --paper re-quantized, keep N byte-identical, --dtype bfloat16 dequantized, stock CPU load, "
+        "resume",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,
@@ -91,7 +93,8 @@ SPECS: tuple[ArchSpec, ...] = (
         expert_count_keys=("n_routed_experts",),
         hub_example="moonshotai/Kimi-K2-Instruct",
         tested="tiny DeepSeek-V3 checkpoint whose config says kimi_k2 (tests/test_families.py): default method, keep "
-        "N identical, stock load; the Hub repos are FP8 (refused for now) and their tokenizer needs remote code",
+        "N identical, stock load; FP8 is read as for DeepSeek-V3 (not tested on a kimi_k2 config); the Hub repos' "
+        "tokenizer needs remote code",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,
@@ -106,7 +109,8 @@ SPECS: tuple[ArchSpec, ...] = (
         expert_count_keys=("n_routed_experts",),
         hub_example="zai-org/GLM-4.5-Air",
         tested="tiny checkpoint with an MTP layer (tests/test_families.py): default and --paper, keep N identical, "
-        "stock load, reduced router routes as planned",
+        "stock load, reduced router routes as planned; FP8-block (tests/test_quant_merge.py): default and --paper "
+        "re-quantized, keep N byte-identical, stock CPU load",
         scoring=_SIGMOID_GROUPED,
         dense=DenseLayers("first-k"),
         extra_layers=_MTP,

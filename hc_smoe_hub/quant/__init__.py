@@ -33,9 +33,16 @@ The interface the architecture table refers to (`QuantFormat`, implemented by `F
   ever dequantized at a time.
 - ``fmt.quantize(weight, weight_key)`` is the inverse: a dict from on-disk key to tensor, re-quantized with the
   same scheme (for a merged expert, or a stack of K merged experts).
+- ``fmt.weight_key_of(disk_key)`` names the weight an on-disk key would be a part of; ``fmt.logical_shape`` gives
+  the unquantized shape from the parts' shapes and ``fmt.disk_layout(weight_key, shape)`` the parts' keys, dtypes
+  and shapes for a weight of ``shape`` (what an output plan reserves before anything is quantized);
+  ``fmt.describe()`` is the one-line name hc_smoe.json and the card use.
 - ``output_config(config, keep_quantized)``: a re-quantized output keeps ``quantization_config`` unchanged (same
   method, block size and ``modules_to_not_convert``; the experts' names and the layer count do not change). A
   dequantized output (``--dtype bfloat16``) has ``quantization_config`` removed, top level and ``text_config``.
+
+The engine uses all this through `io.py` (`QuantSource`, `QuantWriter`, `disk_plan`), which merge.py builds for a
+source whose config declares a format: the engine and the family table see unquantized key names only.
 
 Loading on CPU with stock transformers 5.24 ``from_pretrained`` (checked by tests/test_quant_load.py): the
 quantizers log that they dequantize (no GPU / no triton kernels) and the model holds plain weights equal to

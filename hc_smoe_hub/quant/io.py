@@ -40,9 +40,6 @@ class QuantSource:
         self.inner, self.fmt, self.dtype = inner, fmt, dtype
         self.dir = inner.dir
         disk = inner.tensors
-        groups: dict[str, list[str]] = {}
-        for key in disk:
-            groups.setdefault(fmt.weight_key_of(key), []).append(key)
         # logical key -> its on-disk keys, for the quantized weights only
         self.quantized: dict[str, list[str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -60,9 +57,9 @@ class QuantSource:
             else:
                 self.tensors[key] = disk[key]
         if not self.quantized:
-            raise SourceError(f"config.json declares {fmt.name} quantization but no weight in {inner.dir} has its "
-                              f"{fmt.name} tensors ({', '.join(fmt.tensor_keys('<weight>'))}): the config and the "
-                              "weights do not match; download the checkpoint again")
+            raise SourceError(f"config.json declares {fmt.name} quantization but no weight in {inner.dir} is stored "
+                              f"so ({' + '.join(fmt.tensor_keys('<key>'))}): the config and the weights do not "
+                              "match; download the checkpoint again")
         log.info("%s source: %d quantized weights read dequantized to %s", fmt.name, len(self.quantized),
                  str(dtype).removeprefix("torch."))
 
