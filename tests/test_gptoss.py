@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from hc_smoe_hub.architectures import spec_for
 from hc_smoe_hub.checkpoint import SourceCheckpoint
 from hc_smoe_hub.routing import route
+from hc_smoe_hub.streaming import StreamingMerger
 from hc_smoe_hub.synthetic import build_tiny_moe
 
 N, KEEP = 8, 4
@@ -156,3 +157,42 @@ def test_pruning_an_mxfp4_source_keeps_each_kept_experts_bytes(gpt_oss_models, m
             for k, e in enumerate(kept):
                 assert torch.equal(b.read([key], index=k)[key], a.read([key], index=e)[key]), (key, k, e)
     assert moved  # some kept expert changed rows, so the bytes were not merely copied in place
+
+
+def test_the_engine_runs_each_layer_as_the_model_does(merge_args, tmp_path, monkeypatch):
+    """Sliding-window (8 tokens, shorter than the 64-token calibration blocks) and full-attention layers with
+    sinks: every decoder layer's output the engine computes equals the stock model's on the same block (fp32, so
+    that the comparison is tight)."""
+    src = build_tiny_moe(tmp_path / "fp32", "gpt_oss")
+    config = json.loads((src / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert config["sliding_window"] < 64
+    blocks: list[torch.Tensor] = []
+    after: dict[int, list[torch.Tensor]] = {}
+    embed, process = StreamingMerger._embed, StreamingMerger._process_layer
+
+    def record_blocks(self, model, b):
+        blocks.append(b)
+        return embed(self, model, b)
+
+    def record_layer(self, layers, layer_idx, hidden, kwargs, writer):
+        out = process(self, layers, layer_idx, hidden, kwargs, writer)
+        after[layer_idx] = [h.clone() for h in hidden]
+        return out
+
+    monkeypatch.setattr(StreamingMerger, "_embed", record_blocks)
+    monkeypatch.setattr(StreamingMerger, "_process_layer", record_layer)
+    run_cli(src, tmp_path / "out", N, merge_args, "--one-shot")
+    source = load(src)[0]
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda _m, _a, o, i=i: outputs.__setitem__(i, o))
+               for i, layer in enumerate(source.model.layers)]
+    try:
+        with torch.no_grad():
+            source(blocks[0])
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(config["num_hidden_layers"]):
+        got = torch.cat(after[i]).reshape(outputs[i].shape)
+        assert torch.allclose(got, outputs[i], atol=1e-4, rtol=1e-4), (i, float((got - outputs[i]).abs().max()))
