@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_families import IDS, _sorted_choice, calibration_ids, run_cli
+from test_resume import assert_identical, count_method_calls, crash_after_layer
+from test_resume import request as resume_request
 from transformers import AutoModelForCausalLM
 
 from hc_smoe_hub.architectures import spec_for
 from hc_smoe_hub.checkpoint import SourceCheckpoint
+from hc_smoe_hub.merge import merge_checkpoint
 from hc_smoe_hub.routing import route
 from hc_smoe_hub.streaming import StreamingMerger
 from hc_smoe_hub.synthetic import build_tiny_moe
@@ -196,3 +199,17 @@ def test_the_engine_runs_each_layer_as_the_model_does(merge_args, tmp_path, monk
     for i in range(config["num_hidden_layers"]):
         got = torch.cat(after[i]).reshape(outputs[i].shape)
         assert torch.allclose(got, outputs[i], atol=1e-4, rtol=1e-4), (i, float((got - outputs[i]).abs().max()))
+
+
+def test_an_interrupted_mxfp4_merge_resumes_to_the_uninterrupted_result(calib_file, tmp_path, monkeypatch):
+    """Fused MXFP4 experts are written one row at a time; a merge killed after layer 1 and resumed writes the same
+    bytes as one that ran through."""
+    src = build_tiny_moe(tmp_path / "src", "gpt_oss", num_layers=4, mxfp4=True)
+    reference = tmp_path / "reference"
+    merge_checkpoint(resume_request(src, reference, calib_file))
+    out = tmp_path / "out"
+    crash_after_layer(monkeypatch, resume_request(src, out, calib_file))
+    calls = count_method_calls(monkeypatch)
+    merge_checkpoint(resume_request(src, out, calib_file, resume=True))
+    assert calls == [2, 3]  # layers 0 and 1 were not merged again
+    assert_identical(out, reference)
