@@ -87,6 +87,17 @@ def test_moe_output_matches_the_gpt_oss_block(mlp, x):
     torch.testing.assert_close(moe_output(x, experts, router, routing, act, torch.float32), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_bf16_fast_path_adds_the_biases_in_fp32(mlp, x):
+    """bf16 products (the fast path of a bf16 source), biases and activation in fp32: within bf16 rounding of the
+    fp32 block."""
+    experts, router, routing, act = as_experts(mlp)
+    ref = moe_output(x, experts, router, routing, act)
+    fast = moe_output(x, experts.to(dtype=torch.bfloat16), router, routing, act, torch.bfloat16)
+    assert float((fast - ref).norm() / ref.norm()) < 2e-2
+    unbiased = Experts(experts.gate, experts.up, experts.down)
+    assert float((moe_output(x, unbiased, router, routing, act) - ref).norm() / ref.norm()) > 0.1
+
+
 def test_statistics_see_what_the_block_computes(mlp, x):
     experts, router, routing, act = as_experts(mlp)
     stats = collect(x, experts, router, routing, act, chunk=100)
@@ -166,8 +177,11 @@ def test_router_bias_is_reduced_with_the_rows(mlp, x, strategy):
     assert torch.equal(singles[0], router) and torch.equal(singles[1], lb)
 
 
-def test_joint_refit_does_not_raise_the_error(mlp, x):
-    ctx = context(mlp, x, 3)
+@pytest.mark.parametrize("tokens", [T, 12], ids=["primal", "dual"])
+def test_joint_refit_does_not_raise_the_error(mlp, x, tokens):
+    """The joint re-routed refit of down projections and biases, in its primal form and, with fewer tokens per
+    expert than I + 1 coefficients, its dual form: the routed-output error on its tokens never goes up."""
+    ctx = context(mlp, x[:tokens], 3)
     groups = [[0, 1], [2, 3], [4, 5]]
     lsq = plan_error(ctx, merge_groups(ctx, groups, MethodOptions(merge="fix-dom-lsq")))
     rr = plan_error(ctx, merge_groups(ctx, groups, MethodOptions(merge="fix-dom-rr")))
