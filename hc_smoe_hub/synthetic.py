@@ -74,8 +74,9 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                          "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 16},
     # gpt-oss: fused, interleaved gate/up experts with biases, a router bias, sliding-window and full attention
     # layers with sinks. Dims are multiples of 32, so that the experts can be stored in MXFP4 (`quantize_mxfp4`).
-    "gpt_oss": {"model_type": "gpt_oss", "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 32,
-                "head_dim": 8, "sliding_window": 8, "max_position_embeddings": 4096,
+    # The Hub's config.json repeats top-k as `experts_per_token`.
+    "gpt_oss": {"model_type": "gpt_oss", "num_local_experts": 8, "num_experts_per_tok": 2, "experts_per_token": 2,
+                "intermediate_size": 32, "head_dim": 8, "sliding_window": 8, "max_position_embeddings": 4096,
                 "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}},
 }

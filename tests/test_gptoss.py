@@ -93,7 +93,7 @@ def test_reduced_checkpoint_stays_fused_loads_and_routes_as_planned(kind, extra,
     model, info = load(out)
     assert not any(info.values()), info
     config = json.loads((out / "config.json").read_text())
-    assert config["num_local_experts"] == KEEP and config["num_experts_per_tok"] == 2
+    assert config["num_local_experts"] == KEEP and config["num_experts_per_tok"] == config["experts_per_token"] == 2
     assert ("quantization_config" in config) == (kind == "mxfp4" and not extra)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
@@ -213,3 +213,14 @@ def test_an_interrupted_mxfp4_merge_resumes_to_the_uninterrupted_result(calib_fi
     merge_checkpoint(resume_request(src, out, calib_file, resume=True))
     assert calls == [2, 3]  # layers 0 and 1 were not merged again
     assert_identical(out, reference)
+
+
+def test_top_k_and_its_alias_are_clamped_together(gpt_oss_models, merge_args, tmp_path):
+    out = tmp_path / "out"
+    run_cli(gpt_oss_models["bf16"], out, 1, merge_args, "--method", "f-prune")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 1 and config["num_experts_per_tok"] == config["experts_per_token"] == 1
+    model, info = load(out)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()

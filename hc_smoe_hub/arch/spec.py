@@ -56,6 +56,7 @@ class ArchSpec:
     moe_siblings: tuple[str, ...] = ()
     residual_scale_key: str | None = None
     top_k_key: str = "num_experts_per_tok"
+    top_k_aliases: tuple[str, ...] = ()  # config keys repeating top-k, clamped with it (gpt-oss: experts_per_token)
     scoring: Scoring = field(default_factory=Scoring)
     activation: ExpertActivation = field(default_factory=ExpertActivation)
     dense: DenseLayers = field(default_factory=DenseLayers)
@@ -121,6 +122,7 @@ class ArchSpec:
         """The language-model config fields that change: expert counts, top-k, extra (MTP) layer counts."""
         out: dict[str, Any] = {key: keep for key in self.expert_count_keys}
         out[self.top_k_key] = min(self.top_k(config), keep)
+        out.update({key: out[self.top_k_key] for key in self.top_k_aliases if key in self.cfg(config)})
         out.update(self.extra_layers.reduced(self.cfg(config)))
         return out
 

@@ -199,6 +199,7 @@ SPECS: tuple[ArchSpec, ...] = (
         "transformers' GptOssMLP (tests/test_gptoss_math.py)",
         # Fused (E, H, 2I) experts, gate and up interleaved, with per-expert biases; a router bias on the logits,
         # top-k then softmax; the clamped GLU (swiglu_alpha, swiglu_limit); attention sinks need eager attention.
+        top_k_aliases=("experts_per_token",),  # the Hub config.json repeats num_experts_per_tok under this name
         router="router.weight",
         storage=Fused(gate_up="experts.gate_up_proj", down="experts.down_proj", transposed=True, interleaved=True,
                       gate_up_bias="experts.gate_up_proj_bias", down_bias="experts.down_proj_bias"),
