@@ -268,10 +268,12 @@ def calibration_text(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:
 
 def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the checkpoint as stored on the Hub, with its shape, from the model class built on the
-    meta device: the in-memory fused experts (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)) become the
-    on-disk keys of `spec`'s expert storage, and the MoE block and its router take their on-disk names."""
+    meta device: the in-memory fused experts (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), or gpt-oss's
+    (E, H, 2I) / (E, I, H) with biases) become the on-disk keys of `spec`'s expert storage, and the MoE block and its
+    router take their on-disk names."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    hidden = int(config.get_text_config().hidden_size)  # I from the gate/up size, whichever way it is laid out
     fused = f".{spec.moe_module}.{spec.experts_module}."
     layout: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict().items():
@@ -282,8 +284,9 @@ def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
         rel = name[len(spec.layer_prefix(layer)):]
         if fused in "." + rel:
             if rel.endswith("gate_up_proj"):
-                n, two_i, hidden = tensor.shape
-                layout |= spec.storage.disk_shapes(spec.experts_base(layer), n, two_i // 2, hidden)
+                n = tensor.shape[0]
+                layout |= spec.storage.disk_shapes(spec.experts_base(layer), n, tensor[0].numel() // (2 * hidden),
+                                                   hidden)
             continue
         if spec.router_memory and rel == f"{spec.moe_module}.{spec.router_memory}":
             rel = f"{spec.moe_disk}.{spec.router}"

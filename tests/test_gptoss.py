@@ -21,7 +21,13 @@ from hc_smoe_hub.checkpoint import SourceCheckpoint
 from hc_smoe_hub.merge import merge_checkpoint
 from hc_smoe_hub.routing import route
 from hc_smoe_hub.streaming import StreamingMerger
-from hc_smoe_hub.synthetic import build_tiny_moe
+from hc_smoe_hub.synthetic import (
+    MODERN_FAMILY_CONFIGS,
+    build_tiny_moe,
+    disk_layout,
+    tiny_config,
+    write_random_checkpoint,
+)
 
 N, KEEP = 8, 4
 EXPERT_SUFFIXES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "_blocks", "_scales")
@@ -224,3 +230,17 @@ def test_top_k_and_its_alias_are_clamped_together(gpt_oss_models, merge_args, tm
     assert not any(info.values()), info
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_the_benchmark_writer_lays_gpt_oss_out_as_save_pretrained_does(tmp_path):
+    saved = build_tiny_moe(tmp_path / "ref", "gpt_oss", num_layers=2)
+    on_disk = {k: tuple(v.shape) for k, v in SourceCheckpoint(saved).tensors.items()}
+    spec = spec_for(json.loads((saved / "config.json").read_text()))
+    assert disk_layout(tiny_config("gpt_oss", 2), spec) == on_disk
+    fields = {**MODERN_FAMILY_CONFIGS["gpt_oss"], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2}
+    out = write_random_checkpoint(tmp_path / "random", fields)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
