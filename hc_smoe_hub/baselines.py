@@ -158,12 +158,12 @@ def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     else:
         starts = [top_ids(ctx.stats.counts, k_keep), top_ids(ctx.stats.prob_mass, k_keep)]
         # The closed-form search holds for plain softmax routing only; other routers are scored in full.
-        res = (subset_search.search(prob, starts) if ctx.routing.plain_softmax
+        res = (subset_search.search(prob, starts) if prob.routing.plain_softmax
                else subset_search.greedy(prob, starts))
         kept = res.kept
         # Reported as the exhaustive path scores it (fp32 softmax, like the pruned model), so figures compare.
         loss = float(subset_search.subset_losses(prob, torch.tensor([kept]))[0])
-        info = {"search": "greedy+swaps" if ctx.routing.plain_softmax else "greedy", "subsets": res.evaluated,
+        info = {"search": "greedy+swaps" if prob.routing.plain_softmax else "greedy", "subsets": res.evaluated,
                 "swaps": res.swaps}
     rel = math.sqrt(max(loss, 0.0) / prob.ref) if prob.ref > 0 else 0.0
     log.debug("o-prune layer %d: kept %s (%s, rel. error %.4f)", ctx.layer, kept, info["search"], rel)

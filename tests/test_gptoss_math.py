@@ -5,13 +5,18 @@ merge, fix-dom alignment, the least-squares refits of down projection and bias, 
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
+from hc_smoe_hub import subset_search
 from hc_smoe_hub.activations import ClampedGlu
 from hc_smoe_hub.arch.strategies import ExpertActivation, Scoring
+from hc_smoe_hub.baselines import O_PRUNE_TOKENS, _sample_rows, o_prune_problem
 from hc_smoe_hub.merging import fix_dom_merge, reduce_router, weighted_merge
 from hc_smoe_hub.methods import METHODS, LayerContext, MethodOptions, merge_groups, plan_error
 from hc_smoe_hub.refit import refit_down
@@ -51,7 +56,7 @@ def as_experts(mlp: GptOssMLP) -> tuple[Experts, torch.Tensor, Routing, ClampedG
                       ex.down_proj.detach().transpose(1, 2).contiguous(), ex.gate_up_proj_bias.detach()[:, ::2],
                       ex.gate_up_proj_bias.detach()[:, 1::2], ex.down_proj_bias.detach().clone())
     config = tiny_config().to_dict()
-    routing = Scoring(scores="topk-softmax", renormalize="never", logit_bias="router.bias").routing(
+    routing = Scoring(scores="topk-softmax", renormalize="always", logit_bias="router.bias").routing(
         config, TOP_K, logit_bias=mlp.router.bias.detach())
     act = ExpertActivation("clamped-glu").build(config)
     assert isinstance(act, ClampedGlu) and (act.alpha, act.limit) == (ex.alpha, ex.limit)
@@ -71,7 +76,7 @@ def test_route_matches_the_gpt_oss_router(mlp, x):
     assert torch.equal(i, ref_i)
     torch.testing.assert_close(w, ref_w)
     # The router bias matters: without it the choice differs on some tokens.
-    assert not torch.equal(route(x @ router.T, Routing(TOP_K, False, "topk-softmax"))[1], ref_i)
+    assert not torch.equal(route(x @ router.T, Routing(TOP_K, True, "topk-softmax"))[1], ref_i)
 
 
 def test_moe_output_matches_the_gpt_oss_block(mlp, x):
@@ -142,7 +147,7 @@ def test_least_squares_refit_fits_the_down_bias(mlp, x):
     experts, router, routing, act = as_experts(mlp)
     pair = Experts(experts.gate[[0, 0]], experts.up[[0, 0]], experts.down[[0, 0]], experts.gate_bias[[0, 0]],
                    experts.up_bias[[0, 0]], torch.stack([experts.down_bias[0], experts.down_bias[0] + 2.0]))
-    rows, two = router[[0, 0]], Routing(TOP_K, False, "topk-softmax", logit_bias=routing.logit_bias[[0, 0]])
+    rows, two = router[[0, 0]], Routing(TOP_K, True, "topk-softmax", logit_bias=routing.logit_bias[[0, 0]])
     base = weighted_merge(pair, [[0, 1]], torch.tensor([0.9, 0.1]))
     torch.testing.assert_close(base.down_bias[0], pair.down_bias[0] + 0.2)
     fitted = refit_down(pair, base, [[0, 1]], [x], rows, act, ridge=1e-8, routing=two)
@@ -203,3 +208,20 @@ def test_keeping_every_expert_is_exact(mlp, x, method):
     ctx = context(mlp, x, N)
     plan = METHODS[method](ctx, MethodOptions(method=method))
     assert plan_error(ctx, plan) < 1e-6
+
+
+def test_o_prune_folds_the_router_bias_into_the_logits(mlp, x):
+    """O-prune's subset objective with the router bias folded into the logits is the objective routed with the
+    bias, subset for subset; the top-k-then-softmax router is then plain softmax, so the closed-form swap search
+    serves gpt-oss (past the exhaustive limit) as it serves Mixtral."""
+    ctx = context(mlp, x, 3)
+    prob = o_prune_problem(ctx)
+    assert prob.routing.logit_bias is None and prob.routing.plain_softmax
+    unfolded = replace(prob, logits=ctx.stats.router_logits[_sample_rows(ctx, O_PRUNE_TOKENS)],
+                       routing=replace(prob.routing, logit_bias=ctx.routing.logit_bias))
+    subsets = torch.tensor(list(itertools.combinations(range(N), 3)))
+    folded_losses = subset_search.subset_losses(prob, subsets)
+    torch.testing.assert_close(folded_losses, subset_search.subset_losses(unfolded, subsets))
+    best = subset_search.search(prob)
+    assert best.loss <= subset_search.greedy(prob).loss + 1e-9 * prob.ref
+    assert best.loss == pytest.approx(float(folded_losses.min()), rel=1e-6)  # it finds the optimum here
