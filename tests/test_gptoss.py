@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from hc_smoe_hub.architectures import spec_for
 from hc_smoe_hub.checkpoint import SourceCheckpoint
+from hc_smoe_hub.cli import main
+from hc_smoe_hub.demo import task_dir
 from hc_smoe_hub.merge import merge_checkpoint
 from hc_smoe_hub.routing import route
 from hc_smoe_hub.streaming import StreamingMerger
@@ -244,3 +246,16 @@ def test_the_benchmark_writer_lays_gpt_oss_out_as_save_pretrained_does(tmp_path)
     assert not any(info.values()), info
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_an_mxfp4_merge_is_evaluated_original_and_merged(gpt_oss_models, calib_file, tmp_path, monkeypatch):
+    """lm-eval runs the MXFP4 original and the re-quantized merge (stock transformers dequantizes both)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the original's scores are cached there
+    out = tmp_path / "out"
+    argv = [str(gpt_oss_models["mxfp4"]), "--keep", str(KEEP), "--output-dir", str(out), "--no-push",
+            "--calibration", str(calib_file), "--num-samples", "4", "--seq-len", "64", "-q", "--device", "cpu",
+            "--tasks", "demo_mc", "--include-path", str(task_dir()), "--limit", "8"]
+    assert main(argv) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    for which in ("original", "merged"):
+        assert 0 <= results[which]["demo_mc"]["acc"] <= 1
