@@ -86,6 +86,8 @@ class Routing:
     choice only) and takes the softmax over the k chosen logits: normalized by construction, so it is the softmax
     top-k with renormalization in exact arithmetic (`scores` is the full softmax, and rows set `renormalize`),
     but computed as the module computes it.
+    `scoring` "sparsemixer" is Phi-3.5-MoE's inference routing (`_sparsemixer`, two experts whatever `top_k`, with
+    the margin `jitter_eps`); its `scores` are the softmax, the probabilities statistics and router fits use.
     """
 
     top_k: int
@@ -98,6 +100,7 @@ class Routing:
     scale: float = 1.0
     renorm_eps: float = 0.0
     logit_bias: torch.Tensor | None = None
+    jitter_eps: float = 0.0
 
     @property
     def plain_softmax(self) -> bool:
@@ -135,6 +138,8 @@ class Routing:
 
 def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), each (..., top_k), as the transformers routers compute them (any leading dims)."""
+    if routing.scoring == "sparsemixer":
+        return _sparsemixer(logits.float(), routing.jitter_eps)
     scores = routing.scores(logits)
     choice = scores if routing.bias is None else scores + routing.bias.to(scores.device, torch.float32)
     n = logits.shape[-1]
@@ -170,6 +175,20 @@ def route(logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.T
 def choice_logits(logits: torch.Tensor, routing: Routing) -> torch.Tensor:
     """fp32 logits plus the selection-only bias: what a "topk-softmax" router chooses its top-k on."""
     return logits.float() + routing.bias.to(logits.device, torch.float32)
+
+
+def _sparsemixer(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `phimoe.sparsemixer` at inference (any leading dims): the best expert, weighted by the softmax
+    over the logits within a relative margin 2 * eps of its own (the rest masked out), then the second best (the
+    first masked out) weighted the same way, its margin measured from its own logit."""
+    top1_val, top1 = scores.max(dim=-1, keepdim=True)
+    far = (top1_val - scores) / scores.abs().clamp(min=top1_val) > 2 * eps
+    w1 = torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, top1)
+    rest = scores.scatter(-1, top1, float("-inf"))
+    top2_val, top2 = rest.max(dim=-1, keepdim=True)
+    far = (top2_val - scores) / scores.abs().clamp(min=top2_val) > 2 * eps
+    w2 = torch.softmax(rest.masked_fill(far, float("-inf")), dim=-1).gather(-1, top2)
+    return torch.cat((w1, w2), dim=-1), torch.cat((top1, top2), dim=-1)
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation,

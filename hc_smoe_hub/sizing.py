@@ -19,7 +19,7 @@ from typing import Any
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # ERNIE: the last
 # Default calibration of `hc-smoe-push`: 32 blocks of 2048 tokens (the paper's).
 DEFAULT_CALIBRATION_TOKENS = 32 * 2048
 # Fixed process overhead measured beside the merge (interpreter, torch, transformers, the model skeleton, tokenizer).

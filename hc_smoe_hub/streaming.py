@@ -28,6 +28,7 @@ from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.fastpath import activation_dtype
+from hc_smoe_hub.layer_inputs import catch_layer_inputs
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
 from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
@@ -140,14 +141,18 @@ class StreamingMerger:
                                                        {k: self.src.tensors[k].shape for k in keys}))
         dropped = expert_keys - set(expert_shapes)
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
-        routers |= {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         routers |= {self.spec.logit_bias_key(layer) for layer in self.moe_layers if self.spec.logit_bias_key(layer)}
+        biases = {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
             if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
                 continue
             info = self.src.tensors[key]
-            shape = (keep, *info.shape[1:]) if key in routers else expert_shapes.get(key, info.shape)
+            shape = expert_shapes.get(key, info.shape)
+            if key in biases:  # the expert axis is the last: ERNIE stores its bias as (1, N)
+                shape = (*info.shape[:-1], keep)
+            elif key in routers:
+                shape = (keep, *info.shape[1:])
             plan.append(OutputTensor(key, info.dtype, shape))
         return plan
 
@@ -225,12 +230,8 @@ class StreamingMerger:
         """Embed the calibration batches and catch every decoder layer's keyword arguments, per batch.
 
         Returns the hidden states entering layer 0 (one tensor per batch) and, per batch, one kwargs dict per
-        decoder layer. Each layer's own are needed: sliding-window and full-attention layers (`layer_types`), or
-        linear- and full-attention ones, get different masks from the model's `causal_mask_mapping`. The model's
-        forward runs once per batch with every decoder layer's `forward` replaced by a recorder that returns its
-        input unchanged (the masks and rotary embeddings do not depend on the hidden states); the last one stops
-        the forward before the final norm. The dicts hold the very tensors the model built, so a mask shared by
-        many layers is stored once.
+        decoder layer (`layer_inputs.catch_layer_inputs`: sliding-window, linear- and full-attention layers get
+        different masks; one shared by many layers is stored once).
         """
         dev, cdt = self.s.device, self.s.compute_dtype
         embed = _module(model, self.spec.embed_module)
@@ -238,39 +239,15 @@ class StreamingMerger:
         state = self.src.read([prefix + n for n, _ in embed.named_parameters()], dev)
         embed.load_state_dict({k[len(prefix):]: v.to(cdt) for k, v in state.items()}, assign=True)
         layers = list(_module(model, self.spec.layers_module))[: self.num_layers]
-        seen: list[dict] = []
-
-        def recorder(index: int) -> Callable[..., torch.Tensor]:
-            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-                h = args[0] if args else kwargs.pop("hidden_states")
-                kwargs["hidden_states"] = h  # popped again below: the first layer's input is the embedding
-                seen.append(kwargs)
-                if index == len(layers) - 1:
-                    raise _Caught((), {})
-                return h
-
-            return forward
-
-        for i, layer in enumerate(layers):
-            layer.forward = recorder(i)  # an instance attribute: nn.Module.__call__ calls it, hooks stay as they are
         base = _module(model, self.spec.layers_module.rpartition(".")[0])
         hidden, kwargs_list = [], []
         per_batch = max(1, self.s.batch_tokens // blocks.shape[1])
         try:
             for s in range(0, blocks.shape[0], per_batch):
-                seen.clear()
-                with torch.no_grad(), contextlib.suppress(_Caught):
-                    base(input_ids=blocks[s : s + per_batch].to(dev), use_cache=False)
-                if len(seen) != len(layers):
-                    raise SourceError(f"the model ran {len(seen)} of its {len(layers)} decoder layers in its "
-                                      "forward: the engine cannot catch each layer's arguments for this class")
-                hidden.append(seen[0]["hidden_states"].to(cdt))
-                for kw in seen:
-                    kw.pop("hidden_states")
-                kwargs_list.append(list(seen))
+                h, per_layer = catch_layer_inputs(base, layers, blocks[s : s + per_batch].to(dev))
+                hidden.append(h.to(cdt))
+                kwargs_list.append(per_layer)
         finally:
-            for layer in layers:
-                del layer.forward
             embed.to("meta")
         return hidden, kwargs_list
 
@@ -278,17 +255,7 @@ class StreamingMerger:
         """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block and its router
         renamed)."""
         prefix = self.spec.layer_prefix(layer_idx)
-        moe_disk, moe_mem = self.spec.moe_disk + ".", self.spec.moe_module + "."
-        router_disk = moe_disk + self.spec.router
-        state = {}
-        for key, value in tensors.items():
-            rel = key[len(prefix):]
-            if rel == router_disk and self.spec.router_memory:
-                rel = moe_mem + self.spec.router_memory
-            elif rel.startswith(moe_disk):
-                rel = moe_mem + rel[len(moe_disk):]
-            state[rel] = value
-        return state
+        return {self.spec.memory_name(key[len(prefix):]): value for key, value in tensors.items()}
 
     def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
         """Load `state` into a meta module; parameters under the prefix `skip` may stay on the meta device."""
@@ -395,7 +362,7 @@ class StreamingMerger:
         bias = tensors[bias_key] if bias_key else None
         lb_key = spec.logit_bias_key(layer_idx)  # the router's own bias on the logits (gpt-oss), when it has one
         logit_bias = tensors[lb_key] if lb_key else None
-        routing = replace(self.routing, bias=None if bias is None else bias.float(),
+        routing = replace(self.routing, bias=None if bias is None else bias.float().reshape(-1),
                           logit_bias=None if logit_bias is None else logit_bias.float())
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors)
@@ -421,7 +388,7 @@ class StreamingMerger:
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
         merged_keys = expert_keys | {spec.router_key(layer_idx), bias_key, lb_key}
-        new_bias = None if bias is None else plan.bias.to(bias.dtype)
+        new_bias = None if bias is None else plan.bias.to(bias.dtype).reshape(*bias.shape[:-1], self.s.keep)
         for key in keys:
             if key not in merged_keys:
                 writer.write_chunks(key, self.src.copy_raw(key))

@@ -79,6 +79,28 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                 "intermediate_size": 32, "head_dim": 8, "sliding_window": 8, "max_position_embeddings": 4096,
                 "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}},
+    # Families with per-expert keys on disk (tests/test_families_per_expert.py). `mtp_keys` lays out an MTP layer
+    # stored under its own prefix, as the Hub checkpoints do: a copy of the last decoder layer under `block`, plus
+    # the projection and norms named there.
+    "qwen3_next": {"model_type": "qwen3_next", "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                   "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "intermediate_size": 48,
+                   "head_dim": 8, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                   "linear_num_value_heads": 4, "mlp_only_layers": [0], "mtp_num_hidden_layers": 1,
+                   "layer_types": ["full_attention", "linear_attention", "full_attention"],
+                   "mtp_keys": {"block": "mtp.layers.0.", "matrices": ["mtp.fc.weight"],
+                                "norms": ["mtp.norm.weight", "mtp.pre_fc_norm_embedding.weight",
+                                          "mtp.pre_fc_norm_hidden.weight"]}},
+    "minimax_m2": {"model_type": "minimax_m2", "num_local_experts": 8, "num_experts_per_tok": 2,
+                   "intermediate_size": 16, "head_dim": 8, "use_qk_norm": True},
+    "ernie4_5_moe": {"model_type": "ernie4_5_moe", "moe_num_experts": 8, "moe_k": 2, "moe_intermediate_size": 16,
+                     "intermediate_size": 48, "moe_num_shared_experts": 1, "moe_layer_start_index": 1,
+                     "num_nextn_predict_layers": 1,
+                     "mtp_keys": {"block": "model.mtp_block.0.", "matrices": ["model.mtp_linear_proj.0.weight"],
+                                  "norms": ["model.mtp_emb_norm.0.weight", "model.mtp_hidden_norm.0.weight"]}},
+    "hunyuan_v1_moe": {"model_type": "hunyuan_v1_moe", "num_experts": 8, "moe_topk": [2, 2, 2],
+                       "intermediate_size": 16, "head_dim": 8},
+    "phimoe": {"model_type": "phimoe", "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 16,
+               "router_jitter_noise": 0.01},
 }
 
 
@@ -98,6 +120,7 @@ def tiny_config(family: str, num_layers: int = 3, hidden: int = 32, **overrides:
     fields = dict(FAMILY_CONFIGS.get(family) or MODERN_FAMILY_CONFIGS[family])
     model_type = fields.pop("model_type")
     fields.pop("written_as", None)
+    fields.pop("mtp_keys", None)
     fields = {**dict(vocab_size=320, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
                      pad_token_id=1, tie_word_embeddings=False), **fields, **overrides}
@@ -119,12 +142,15 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name:
                 p.normal_(0.0, 0.2)
-        for name, b in model.named_buffers():
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):  # zeros by default: a bias that changes the choice
                 b.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(directory, max_shard_size=max_shard_size)
     mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
-    if mtp:
+    mtp_keys = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("mtp_keys")
+    if mtp_keys:
+        _add_prefixed_mtp(directory, mtp_keys, num_layers, hidden, seed, dtype)
+    elif mtp:
         _add_mtp_layers(directory, family, num_layers, mtp, hidden, seed, dtype, overrides)
     written_as = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("written_as")
     if written_as:  # e.g. Kimi K2: a DeepSeek-V3 whose config names its own model_type and remote code
@@ -250,6 +276,31 @@ def _add_mtp_layers(directory: Path, family: str, num_layers: int, count: int, h
         with safe_open(single, "pt") as h:
             names = h.keys()
         index = {"metadata": {}, "weight_map": {k: single.name for k in names}}
+    index["weight_map"].update({k: name for k in extra})
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def _add_prefixed_mtp(directory: Path, layout: dict[str, Any], num_layers: int, hidden: int, seed: int,
+                      dtype: torch.dtype) -> None:
+    """Append an MTP layer stored under its own prefix (Qwen3-Next's `mtp.*`, ERNIE's `model.mtp_*`): the last
+    decoder layer's tensors, perturbed, under `layout["block"]`, and the (H, 2H) projection and norms it names."""
+    from safetensors import safe_open
+
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last = f"model.layers.{num_layers - 1}."
+    g = torch.Generator().manual_seed(seed + 1)
+    extra: dict[str, torch.Tensor] = {}
+    for key, shard in index["weight_map"].items():
+        if key.startswith(last):
+            with safe_open(directory / shard, "pt") as h:
+                t = h.get_tensor(key).float()
+            extra[layout["block"] + key[len(last):]] = t + 0.01 * torch.randn(t.shape, generator=g)
+    extra |= {k: torch.randn(hidden, 2 * hidden, generator=g) * 0.1 for k in layout["matrices"]}
+    extra |= {k: torch.ones(hidden) for k in layout["norms"]}
+    extra = {k: v.to(dtype).contiguous() for k, v in extra.items()}
+    name = "model-mtp.safetensors"
+    save_file(extra, str(directory / name), metadata={"format": "pt"})
     index["weight_map"].update({k: name for k in extra})
     index_path.write_text(json.dumps(index, indent=2))
 

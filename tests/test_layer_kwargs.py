@@ -1,6 +1,7 @@
 """Each decoder layer runs with its own keyword arguments: a model whose sliding-window and full-attention layers
-get different masks (Qwen2-MoE with `use_sliding_window`, a window shorter than the calibration blocks) is run
-layer by layer by the engine exactly as the stock model runs it.
+get different masks (Qwen2-MoE with `use_sliding_window`, a window shorter than the calibration blocks), and
+Qwen3-Next's linear- and full-attention layers, are run layer by layer by the engine exactly as the stock model
+runs them.
 
 With layer 0's mask reused for every layer, the full-attention layer would see the sliding-window mask and the
 hidden states the engine calibrates on would differ from the model's.
@@ -21,23 +22,40 @@ from hc_smoe_hub.synthetic import build_tiny_moe
 WINDOW = 8  # shorter than the calibration blocks (64 tokens) and IDS (24 tokens)
 
 
-@pytest.fixture(scope="module")
-def sliding_src(tmp_path_factory) -> Path:
+# name -> (builder family, config overrides, the layer types config.json must list)
+CASES = {
     # Layers 0 and 2 sliding-window, layer 1 full attention (Qwen2MoeConfig: (i + 1) % 2 and i < max_window_layers).
-    return build_tiny_moe(tmp_path_factory.mktemp("sliding") / "qwen2_moe", "qwen2_moe", use_sliding_window=True,
-                          sliding_window=WINDOW, max_window_layers=3, mlp_only_layers=[])
+    "qwen2_moe_sliding": ("qwen2_moe", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 3,
+                                        "mlp_only_layers": []},
+                          ["sliding_attention", "full_attention", "sliding_attention"]),
+    # Qwen3-Next: a linear-attention (gated delta net) MoE layer between full-attention ones.
+    "qwen3_next": ("qwen3_next", {}, ["full_attention", "linear_attention", "full_attention"]),
+}
 
 
-def test_sliding_and_full_layers_get_their_own_masks(sliding_src, merge_args, tmp_path, monkeypatch):
-    config = json.loads((sliding_src / "config.json").read_text())
-    assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layer_kwargs")
+    return {name: build_tiny_moe(root / name, fam, **over) for name, (fam, over, _) in CASES.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_layer_runs_with_its_own_mask(name, sources, merge_args, tmp_path, monkeypatch):
+    src = sources[name]
+    config = json.loads((src / "config.json").read_text())
+    types = config["layer_types"]
+    assert types == CASES[name][2]
     blocks: list[torch.Tensor] = []
     after: dict[int, list[torch.Tensor]] = {}
     embed, process = StreamingMerger._embed, StreamingMerger._process_layer
 
+    caught: list[list[dict]] = []
+
     def record_blocks(self, model, b):
         blocks.append(b)
-        return embed(self, model, b)
+        hidden, kwargs = embed(self, model, b)
+        caught.extend(kwargs)
+        return hidden, kwargs
 
     def record_layer(self, layers, layer_idx, hidden, kwargs, writer):
         out = process(self, layers, layer_idx, hidden, kwargs, writer)
@@ -47,9 +65,17 @@ def test_sliding_and_full_layers_get_their_own_masks(sliding_src, merge_args, tm
     monkeypatch.setattr(StreamingMerger, "_embed", record_blocks)
     monkeypatch.setattr(StreamingMerger, "_process_layer", record_layer)
     out = tmp_path / "out"
-    run_cli(sliding_src, out, config["num_experts"], merge_args, "--one-shot")
+    run_cli(src, out, config["num_experts"], merge_args, "--one-shot")
 
-    source = load(sliding_src)[0]
+    # Per batch, the layers share the model's tensors: one mask per layer type, one rotary pair.
+    for per_layer in caught:
+        assert per_layer[0]["attention_mask"] is per_layer[2]["attention_mask"]
+        assert all(kw["position_embeddings"] is per_layer[0]["position_embeddings"] for kw in per_layer)
+        if name == "qwen2_moe_sliding":  # the sliding-window mask is a tensor, the full-attention one another
+            assert per_layer[0]["attention_mask"] is not None
+            assert per_layer[1]["attention_mask"] is not per_layer[0]["attention_mask"]
+
+    source = load(src)[0]
     reduced = load(out)[0]
     with torch.no_grad():
         assert torch.equal(reduced(IDS).logits, source(IDS).logits)

@@ -47,7 +47,7 @@ def test_keeping_every_expert_reproduces_the_source(qwen35, merge_args, tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen3_5_moe" and config["text_config"]["mtp_num_hidden_layers"] == 0
     assert prov["architecture"]["mtp_layers"] == {"count": 1, "action": "dropped",
-                                                  "config": {"mtp_num_hidden_layers": 0}}
+                                                  "config": {"mtp_num_hidden_layers": 0}, "keys": ["mtp.*"]}
     vl, vl_info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert not any(vl_info.values()), vl_info  # the vision-language class loads it too
 

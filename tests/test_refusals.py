@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, LlamaConfig, PhimoeConfig
+from transformers import AutoModelForCausalLM, DbrxConfig, LlamaConfig
 
 from hc_smoe_hub import merge as merge_module
 from hc_smoe_hub.cli import main
@@ -43,11 +43,12 @@ def test_dense_model_is_refused(tmp_path, capsys, merge_args):
 
 
 def test_unsupported_moe_family_is_refused(tmp_path, capsys, merge_args):
-    src = tmp_path / "phimoe"
+    src = tmp_path / "dbrx"
     src.mkdir()
-    (src / "config.json").write_text(PhimoeConfig(num_local_experts=4).to_json_string())
+    (src / "config.json").write_text(DbrxConfig().to_json_string())  # a MoE family with no row
     out = tmp_path / "out"
-    refuse(capsys, [str(src), "--keep", "2", "--output-dir", str(out), *merge_args], out, "phimoe", "supported")
+    refuse(capsys, [str(src), "--keep", "2", "--output-dir", str(out), *merge_args], out,
+           "model_type 'dbrx' is not a supported")
 
 
 @pytest.mark.parametrize("keep", ["0", "9", "abc", "-1", "1.5", "2.5"])

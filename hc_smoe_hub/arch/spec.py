@@ -70,6 +70,9 @@ class ArchSpec:
     layers_module: str = "model.layers"
     shared_expert_note: str = ""
     attn_implementation: str = "sdpa"  # what the streaming skeleton runs; "eager" where sdpa is unsupported
+    # (on-disk, in-memory) name prefixes relative to the decoder layer, after the MoE block's own rename: the
+    # renames of the family's transformers conversion mapping (Phi-3.5-MoE's `gate` is `router` in memory).
+    memory_renames: tuple[tuple[str, str], ...] = ()
 
     # ---------- config ----------
     def cfg(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -80,11 +83,22 @@ class ArchSpec:
         c = self.cfg(config)
         for key in self.expert_count_keys:
             if c.get(key):
+                if isinstance(c[key], list):  # Hunyuan's config may give one count per layer
+                    raise UnsupportedModelError(f"{key} is a per-layer list: {self.family} models whose layers "
+                                                "have different expert counts are not supported")
                 return int(c[key])
         raise UnsupportedModelError(f"config.json has none of {self.expert_count_keys}: not a {self.family} MoE")
 
     def top_k(self, config: dict[str, Any]) -> int:
-        return int(self.cfg(config)[self.top_k_key])
+        """The routed experts per token; a per-layer list (Hunyuan's `moe_topk`) must hold one value."""
+        value = self.cfg(config)[self.top_k_key]
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise UnsupportedModelError(
+                    f"{self.top_k_key} differs between layers ({sorted(set(value))}): per-layer top-k is not "
+                    f"supported; only {self.family} configs with one top-k for every layer can be merged")
+            value = value[0]
+        return int(value)
 
     def renormalizes(self, config: dict[str, Any]) -> bool:
         return self.routing(config).renormalize
@@ -108,6 +122,10 @@ class ArchSpec:
     def check_keep(self, config: dict[str, Any], keep: int) -> None:
         """Refuse a K the reduced model cannot route (grouped top-k), from config.json alone."""
         c = self.cfg(config)
+        if keep < self.scoring.min_keep:
+            raise HcSmoeError(
+                f"--keep {keep} is too few for {self.family}'s {self.scoring.scores} router, which always routes "
+                f"each token to {self.scoring.min_keep} experts: use --keep {self.scoring.min_keep} or more")
         valid = self.scoring.valid_keeps(c, self.num_experts(config), self.top_k(config))
         if valid is None or keep in valid:
             return
@@ -121,8 +139,11 @@ class ArchSpec:
     def reduced_fields(self, config: dict[str, Any], keep: int) -> dict[str, Any]:
         """The language-model config fields that change: expert counts, top-k, extra (MTP) layer counts."""
         out: dict[str, Any] = {key: keep for key in self.expert_count_keys}
-        out[self.top_k_key] = min(self.top_k(config), keep)
-        out.update({key: out[self.top_k_key] for key in self.top_k_aliases if key in self.cfg(config)})
+        top_k = self.cfg(config)[self.top_k_key]
+        # A per-layer list stays a list of the same length (every entry is equal, `top_k` checks).
+        out[self.top_k_key] = ([min(self.top_k(config), keep)] * len(top_k) if isinstance(top_k, list)
+                               else min(self.top_k(config), keep))
+        out.update({key: min(self.top_k(config), keep) for key in self.top_k_aliases if key in self.cfg(config)})
         out.update(self.extra_layers.reduced(self.cfg(config)))
         return out
 
@@ -163,9 +184,13 @@ class ArchSpec:
             out["routing"]["router_bias"] = self.scoring.logit_bias
         if self.activation != ExpertActivation():
             out["activation"] = self.activation.kind
+        if r.scoring == "sparsemixer":
+            out["routing"]["jitter_eps"] = r.jitter_eps
         if extra:
             out["mtp_layers"] = {"count": extra, "action": "dropped",
                                  "config": self.extra_layers.reduced(self.cfg(config))}
+            if self.extra_layers.key_prefixes:
+                out["mtp_layers"]["keys"] = [f"{p}*" for p in self.extra_layers.key_prefixes]
         if self.load_as:
             out["written_as"] = self.load_as
         return out
@@ -197,6 +222,18 @@ class ArchSpec:
             if all(k in keys for k in storage.keys(self.experts_base(layer), n)):
                 return storage
         return self.storage
+
+    def memory_name(self, rel: str) -> str:
+        """A decoder layer's on-disk tensor name (relative to the layer) as the transformers module names it."""
+        if self.router_memory and rel == f"{self.moe_disk}.{self.router}":  # Granite: router.layer -> router
+            return f"{self.moe_module}.{self.router_memory}"
+        moe_disk = self.moe_disk + "."
+        if rel.startswith(moe_disk):
+            rel = self.moe_module + "." + rel[len(moe_disk):]
+        for disk, memory in self.memory_renames:
+            if rel.startswith(disk):
+                return memory + rel[len(disk):]
+        return rel
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         """On-disk keys of (gate, up, down) of one expert, for per-expert storage only."""

@@ -35,9 +35,11 @@ def _flag(config: dict[str, Any], rule: str) -> bool:
 class Scoring:
     """Router scoring of one family.
 
-    `scores`: "softmax" (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2), "sigmoid" (DeepSeek-V3, Kimi K2, GLM-4.5) or
-    "topk-softmax" (Granite MoE: top-k on the logits, then the softmax over the k chosen; set `renormalize`
-    "always", which it is in exact arithmetic).
+    `scores`: "softmax" (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2, ERNIE-4.5, Hunyuan), "sigmoid" (DeepSeek-V3, Kimi K2,
+    GLM-4.5, MiniMax-M2), "topk-softmax" (Granite MoE, gpt-oss: top-k on the logits, then the softmax over the k
+    chosen; set `renormalize` "always", which it is in exact arithmetic) or "sparsemixer" (Phi-3.5-MoE: always two
+    experts, each weighted by a softmax over the logits within `jitter_key`'s relative margin of it,
+    `routing.route`).
     `renormalize`: "always", "never" or the config key that decides (`norm_topk_prob`); DeepSeek-V2's transformers
     router never renormalizes, whatever its config says, and the rows follow the module, not the config.
     `bias`: the router tensor (relative to the MoE block on disk) added to the scores for the choice only.
@@ -54,6 +56,7 @@ class Scoring:
     group_when: tuple[str, str] | None = None  # (config key, value) that switches grouping on, e.g. topk_method
     scaling_key: str | None = None  # routed_scaling_factor
     logit_bias: str | None = None  # router.bias (gpt-oss)
+    jitter_key: str | None = None  # sparsemixer's margin (router_jitter_noise)
 
     def grouped(self, config: dict[str, Any]) -> bool:
         if self.grouping == "none":
@@ -78,7 +81,13 @@ class Scoring:
             # The sigmoid routers add 1e-20 to the denominator; the softmax ones divide by the plain sum.
             renorm_eps=1e-20 if self.scores == "sigmoid" else 0.0,
             logit_bias=logit_bias,
+            jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
         )
+
+    @property
+    def min_keep(self) -> int:
+        """The fewest experts the reduced model can route: sparsemixer always picks two."""
+        return 2 if self.scores == "sparsemixer" else 1
 
     def valid_keeps(self, config: dict[str, Any], n_experts: int, top_k: int) -> list[int] | None:
         """Every K the reduced model can route with `n_group` kept (None: any K from 1 to N).
@@ -101,7 +110,9 @@ class DenseLayers:
     """Which decoder layers hold routed experts, as the transformers decoder layer decides.
 
     "all"; "sparse-step" (Qwen-MoE: `(i + 1) % decoder_sparse_step == 0` and i not in `mlp_only_layers`);
-    "first-k" (DeepSeek, GLM: i >= `first_k_dense_replace`); "layer-types" (`mlp_layer_types[i] == "sparse"`).
+    "first-k" (DeepSeek, GLM: i >= `first_k_dense_replace`); "layer-types" (`mlp_layer_types[i] == "sparse"`);
+    "interval" (ERNIE-4.5: `(i + 1) % moe_layer_interval == 0` and `moe_layer_start_index` <= i <=
+    `moe_layer_end_index`, -1 meaning the last layer).
     """
 
     rule: str = "all"
@@ -118,6 +129,12 @@ class DenseLayers:
         if self.rule == "layer-types":
             types = config.get("mlp_layer_types") or (["dense"] + ["sparse"] * (num_layers - 1))
             return [i for i in range(num_layers) if types[i] == "sparse"]
+        if self.rule == "interval":
+            step = int(config.get("moe_layer_interval") or 1)
+            start = int(config.get("moe_layer_start_index") or 0)
+            end = int(config.get("moe_layer_end_index", -1))
+            end = num_layers - 1 if end == -1 else end
+            return [i for i in range(num_layers) if (i + 1) % step == 0 and start <= i <= end]
         raise ValueError(f"unknown dense-layer rule {self.rule}")
 
 
@@ -125,7 +142,7 @@ class DenseLayers:
 class ExtraLayers:
     """Layers stored after the last decoder layer that the transformers class does not build (DeepSeek-V3 and
     GLM-4.5's multi-token-prediction layers `model.layers.{num_hidden_layers + i}.*`), or under their own
-    `key_prefixes` (Qwen3.5's `mtp.*`).
+    `key_prefixes` (Qwen3.5's and Qwen3-Next's `mtp.*`).
 
     They are dropped from the output and every `count_keys` entry set to 0, so the reduced config says what the
     checkpoint holds; the provenance records it. Reducing them too would need the MTP head, which transformers

@@ -18,6 +18,8 @@ _SIGMOID_GROUPED = Scoring(scores="sigmoid", renormalize="norm_topk_prob", bias=
                            grouping="top2-sum", scaling_key="routed_scaling_factor")
 _MTP = ExtraLayers(count_keys=("num_nextn_predict_layers", "num_mtp_layers"))
 _SHARED = "shared_experts copied unchanged"
+_NEW_TESTED = ("tiny checkpoint (tests/test_families_per_expert.py): default and --paper, keep N identical, stock "
+               "load, reduced router routes as planned, route() against the transformers router")
 _OLD_TESTED = "tiny checkpoint (tests/test_engine.py, tests/test_baselines.py): keep N identical, stock load, methods"
 # Granite MoE: fused `input_linear` (E, 2I, H) / `output_linear` (E, H, I) experts, router `router.layer`, top-k on
 # the logits then softmax over the k chosen, and `residual_multiplier` scaling the MoE (plus shared MLP) output.
@@ -208,6 +210,74 @@ SPECS: tuple[ArchSpec, ...] = (
         attn_implementation="eager",
         shared_expert_note="fused experts with biases, written back fused (MXFP4 sources re-quantized, or "
         "`--dtype bfloat16`); router bias reduced with the router rows",
+    ),
+    ArchSpec(
+        family="Qwen3-Next",
+        model_types=("qwen3_next",),
+        expert_count_keys=("num_experts",),
+        hub_example="Qwen/Qwen3-Next-80B-A3B-Instruct",
+        tested=_NEW_TESTED + "; linear- and full-attention layers",
+        dense=DenseLayers("sparse-step"),
+        extra_layers=ExtraLayers(count_keys=("mtp_num_hidden_layers",), key_prefixes=("mtp.",)),
+        shared_expert_note="linear-attention and full-attention layers, each run with its own mask; shared_expert "
+        "and shared_expert_gate copied unchanged; `mtp.*` layers dropped (`mtp_num_hidden_layers` set to 0)",
+    ),
+    ArchSpec(
+        family="MiniMax-M2",
+        model_types=("minimax_m2",),
+        expert_count_keys=("num_local_experts",),
+        hub_example="MiniMaxAI/MiniMax-M2",
+        tested=_NEW_TESTED + "; BF16 only: the Hub repo is FP8 and refused for now",
+        moe_disk="block_sparse_moe",
+        storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
+        # transformers' MiniMaxM2TopKRouter: sigmoid, the block's e_score_correction_bias for the choice only, always
+        # renormalized, no groups, no scaling.
+        scoring=Scoring(scores="sigmoid", renormalize="always", bias="e_score_correction_bias"),
+        shared_expert_note="`block_sparse_moe` on disk; sigmoid router with `e_score_correction_bias` (reduced with "
+        "the router rows)",
+    ),
+    ArchSpec(
+        family="ERNIE-4.5-MoE",
+        model_types=("ernie4_5_moe",),
+        expert_count_keys=("moe_num_experts",),
+        hub_example="baidu/ERNIE-4.5-21B-A3B-PT",
+        tested=_NEW_TESTED + "; MTP layer keys",
+        top_k_key="moe_k",
+        # Ernie4_5_MoeTopKRouter: softmax in fp32, the (1, N) bias in `moe_statics` added for the choice only,
+        # renormalized (its clamp at moe_norm_min, 1e-12, cannot bind: the top-k of a softmax over N sum to >= 1/N).
+        scoring=Scoring(scores="softmax", renormalize="always", bias="moe_statics.e_score_correction_bias"),
+        dense=DenseLayers("interval"),
+        extra_layers=ExtraLayers(count_keys=("num_nextn_predict_layers", "num_mtp_layers"),
+                                 key_prefixes=("model.mtp_",)),
+        memory_renames=(("mlp.moe_statics.", "mlp.gate.moe_statics."),),
+        shared_expert_note=f"{_SHARED}; selection bias `moe_statics.e_score_correction_bias` reduced with the router "
+        "rows; dense layers outside `moe_layer_start_index`..`moe_layer_end_index` / `moe_layer_interval` copied; "
+        "`model.mtp_*` layers dropped",
+    ),
+    ArchSpec(
+        family="Hunyuan-A13B",
+        model_types=("hunyuan_v1_moe",),
+        expert_count_keys=("num_experts",),
+        hub_example="tencent/Hunyuan-A13B-Instruct",
+        tested=_NEW_TESTED,
+        top_k_key="moe_topk",
+        router="gate.wg.weight",
+        scoring=Scoring(renormalize="always"),
+        shared_expert_note="shared_mlp copied unchanged; a per-layer `moe_topk` list is accepted when its entries are "
+        "equal; the on-disk layout is transformers' (per-expert `gate_proj`/`up_proj`/`down_proj`)",
+    ),
+    ArchSpec(
+        family="Phi-3.5-MoE",
+        model_types=("phimoe",),
+        expert_count_keys=("num_local_experts",),
+        hub_example="microsoft/Phi-3.5-MoE-instruct",
+        tested=_NEW_TESTED,
+        moe_disk="block_sparse_moe",
+        storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
+        scoring=Scoring(scores="sparsemixer", renormalize="never", jitter_key="router_jitter_noise"),
+        memory_renames=(("mlp.gate.", "mlp.router."),),  # transformers' PhimoeSparseMoeBlock calls it `router`
+        shared_expert_note="`block_sparse_moe` on disk; sparsemixer routing (two experts, `router_jitter_noise` "
+        "margin) reproduced by `route()`; `--keep` must be at least 2",
     ),
 )
 
