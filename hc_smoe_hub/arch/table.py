@@ -227,7 +227,7 @@ SPECS: tuple[ArchSpec, ...] = (
         model_types=("minimax_m2",),
         expert_count_keys=("num_local_experts",),
         hub_example="MiniMaxAI/MiniMax-M2",
-        tested=_NEW_TESTED + "; BF16 only: the Hub repo is FP8 and refused for now",
+        tested=_NEW_TESTED + "; BF16 only: the Hub repo is FP8, which was not tested for this family",
         moe_disk="block_sparse_moe",
         storage=PerExpert("experts.{e}.w1.weight", "experts.{e}.w3.weight", "experts.{e}.w2.weight"),
         # transformers' MiniMaxM2TopKRouter: sigmoid, the block's e_score_correction_bias for the choice only, always
