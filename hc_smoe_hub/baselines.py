@@ -63,7 +63,8 @@ def prune_plan(ctx: LayerContext, kept: list[int], extra: dict | None = None) ->
         raise ValueError(f"expected {ctx.keep} distinct experts, got {kept}")
     router = ctx.router[torch.tensor(kept, device=ctx.router.device)].clone()
     bias = None if ctx.routing.bias is None else ctx.routing.bias[kept].clone()
-    return LayerPlan([[i] for i in kept], ctx.experts.select(kept), router, extra or {}, bias)
+    logit_bias = None if ctx.routing.logit_bias is None else ctx.routing.logit_bias[kept].clone()
+    return LayerPlan([[i] for i in kept], ctx.experts.select(kept), router, extra or {}, bias, logit_bias)
 
 
 def _sample_rows(ctx: LayerContext, limit: int) -> torch.Tensor:
@@ -157,12 +158,12 @@ def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     else:
         starts = [top_ids(ctx.stats.counts, k_keep), top_ids(ctx.stats.prob_mass, k_keep)]
         # The closed-form search holds for plain softmax routing only; other routers are scored in full.
-        res = (subset_search.search(prob, starts) if ctx.routing.plain_softmax
+        res = (subset_search.search(prob, starts) if prob.routing.plain_softmax
                else subset_search.greedy(prob, starts))
         kept = res.kept
         # Reported as the exhaustive path scores it (fp32 softmax, like the pruned model), so figures compare.
         loss = float(subset_search.subset_losses(prob, torch.tensor([kept]))[0])
-        info = {"search": "greedy+swaps" if ctx.routing.plain_softmax else "greedy", "subsets": res.evaluated,
+        info = {"search": "greedy+swaps" if prob.routing.plain_softmax else "greedy", "subsets": res.evaluated,
                 "swaps": res.swaps}
     rel = math.sqrt(max(loss, 0.0) / prob.ref) if prob.ref > 0 else 0.0
     log.debug("o-prune layer %d: kept %s (%s, rel. error %.4f)", ctx.layer, kept, info["search"], rel)
@@ -185,7 +186,7 @@ def m_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     their smallest member; `extra["centres"]` names each group's centre.
     """
     centres = top_ids(ctx.stats.counts, ctx.keep)
-    prof = ctx.stats.router_logits.float().T  # (N, T)
+    prof = ctx.routing.biased(ctx.stats.router_logits).T  # (N, T), with the router's own bias when it has one
     prof = prof / prof.norm(dim=1, keepdim=True).clamp(min=1e-12)
     sim = (prof @ prof[centres].T).cpu()  # (N, K), centres in ascending id order
     members: dict[int, list[int]] = {c: [c] for c in centres}

@@ -138,12 +138,6 @@ class SourceCheckpoint:
                     out[key] = fh.get_tensor(key) if index is None else fh.get_slice(key)[index].to(device)
         return {k: out[k] for k in keys}
 
-    def read_rows(self, key: str, index: int | slice, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows `index` of a tensor's first dim (one expert `[e]` of a fused ``(E, ...)`` tensor), reading only
-        those bytes; an int index drops the dim, as ``tensor[e]`` does."""
-        with safe_open(str(self.tensors[key].file), framework="pt", device=str(device)) as fh:
-            return fh.get_slice(key)[index]
-
     def copy_raw(self, key: str) -> Iterator[bytes]:
         """The tensor's bytes exactly as stored, in bounded chunks (byte-for-byte copies of non-expert tensors)."""
         info = self.tensors[key]

@@ -25,6 +25,8 @@ from functools import cache
 
 import torch
 
+from hc_smoe_hub.activations import gated
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 MIN_GROUP_FIT_TOKENS = 8192
@@ -56,17 +58,25 @@ def activation_dtype(weight_dtype: torch.dtype, device: torch.device | str) -> t
 
 
 def hidden_fp32(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """act(x W_gate^T) * (x W_up^T) as fp32 (T, I), with the two products computed in `dtype`."""
+                dtype: torch.dtype = torch.float32, gate_bias: torch.Tensor | None = None,
+                up_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x W_gate^T + b_gate) * (x W_up^T + b_up) as fp32 (T, I) (`activations.gated`), with the two products
+    computed in `dtype` and the biases, when the experts have them, added in fp32."""
     if dtype == torch.float32:
-        return act(x.float() @ gate.float().T).mul_(x.float() @ up.float().T)
-    xd = x.to(dtype)
-    return act((xd @ gate.to(dtype).T).float()).mul_((xd @ up.to(dtype).T).float())
+        g, u = x.float() @ gate.float().T, x.float() @ up.float().T
+    else:
+        xd = x.to(dtype)
+        g, u = (xd @ gate.to(dtype).T).float(), (xd @ up.to(dtype).T).float()
+    if gate_bias is not None and up_bias is not None:
+        g, u = g.add_(gate_bias.float()), u.add_(up_bias.float())
+    return gated(act, g, u)
 
 
-def project_fp32(h: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """h W_down^T as fp32 (T, H), the product computed in `dtype`."""
-    return matmul_fp32(h, down.T, dtype)
+def project_fp32(h: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """h W_down^T (+ b_down) as fp32 (T, H), the product computed in `dtype`."""
+    out = matmul_fp32(h, down.T, dtype)
+    return out if bias is None else out.add_(bias.float())
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

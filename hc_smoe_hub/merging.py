@@ -58,18 +58,19 @@ def most_used(group: list[int], coeffs: torch.Tensor) -> int:
 def weighted_merge(experts: Experts, groups: list[list[int]], coeffs: torch.Tensor | None) -> Experts:
     """W_g = sum_i c_i W_i / sum_i c_i per group (c = frequencies for `freq`, None for `average`).
 
-    Accumulated in fp32 one member matrix at a time, so the layer is never converted whole.
+    Accumulated in fp32 one member matrix at a time, so the layer is never converted whole. The experts' biases,
+    when they have them, are merged with the same weights as their matrices.
     """
-    out = [torch.empty(len(groups), *m.shape[1:], dtype=m.dtype, device=m.device)
-           for m in (experts.gate, experts.up, experts.down)]
+    mats = experts.tensors()
+    out = [torch.empty(len(groups), *m.shape[1:], dtype=m.dtype, device=m.device) for m in mats]
     for k, g in enumerate(groups):
         w = _weights(g, coeffs).tolist()
-        for mat, dst in zip((experts.gate, experts.up, experts.down), out, strict=True):
+        for mat, dst in zip(mats, out, strict=True):
             acc = torch.zeros(mat.shape[1:], dtype=torch.float32, device=mat.device)
             for wi, i in zip(w, g, strict=True):
                 acc.add_(mat[i].float(), alpha=wi)  # one member's matrix in fp32 at a time
             dst[k] = acc
-    return Experts(*out)
+    return Experts.of(out)
 
 
 def dominant_merge(experts: Experts, groups: list[list[int]], coeffs: torch.Tensor) -> Experts:
@@ -97,7 +98,7 @@ def fix_dom_merge(
     merged = [tuple(m.to(dtype) for m in fix_dom_group(experts, g, closest_to_centroid(g, features), x.float(),
                                                         act)[0])
               for g, x in zip(groups, x_per_group, strict=True)]
-    return Experts(*(torch.stack([m[j] for m in merged]) for j in range(3)))
+    return Experts.of([torch.stack([m[j] for m in merged]) for j in range(len(merged[0]))])
 
 
 def chunks(n: int, size: int = 4096) -> list[slice]:
@@ -119,19 +120,28 @@ def group_weights(x: torch.Tensor, router: torch.Tensor, g: list[int],
 
 def fix_dom_group(
     experts: Experts, g: list[int], dom: int, x: torch.Tensor, act: Activation, share: torch.Tensor | None = None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Fix-dom merge of one group on its tokens x (fp32). With `share` (T, |g|), the same pass also returns the
     group's target for the least-squares refit, sum_j share_j E_j(x) (T, H): every member's activations are then
     computed once for both, and only one member's (T, I) activations are held at a time besides the dominant's.
     The activations' products run in `fastpath.activation_dtype` (bf16 for a bf16 source on fast hardware).
+
+    With biases (gpt-oss), a neuron's gate and up bias entries move with its rows, and the down bias (one entry per
+    output, not per neuron) is the members' plain mean, as the merged expert is the members' plain mean.
+    Returns (gate, up, down) or, with biases, (gate, up, down, gate_bias, up_bias, down_bias), fp32.
     """
     dt = activation_dtype(experts.gate.dtype, x.device)
     gate, up, down = (m[dom].to(torch.float32, copy=True) for m in (experts.gate, experts.up, experts.down))
+    biased = experts.has_bias
+    if biased:
+        assert experts.gate_bias is not None and experts.up_bias is not None and experts.down_bias is not None
+        gate_b, up_b = experts.gate_bias[dom].float().clone(), experts.up_bias[dom].float().clone()
+        down_b = torch.stack([experts.down_bias[j].float() for j in g]).mean(0)
     hits = torch.ones(gate.shape[0], device=gate.device)
     target = None
-    a_dom = hidden_fp32(x, experts.gate[dom], experts.up[dom], act, dt)
+    a_dom = hidden_fp32(x, experts.gate[dom], experts.up[dom], act, dt, *experts.in_bias(dom))
     if share is not None:
-        target = project_fp32(a_dom, experts.down[dom], dt) * share[:, g.index(dom), None]
+        target = project_fp32(a_dom, experts.down[dom], dt, experts.out_bias(dom)) * share[:, g.index(dom), None]
     # Standardized dominant activations: the correlation with member j's neuron b is then a_dom^T h_j[:, b] up to
     # a positive factor of b alone (centring h_j changes nothing, a_dom's columns sum to zero), so the argmax
     # over dominant neurons needs neither member statistics nor a second pass.
@@ -139,10 +149,10 @@ def fix_dom_group(
     for j in (j for j in g if j != dom):
         corr = torch.zeros(gate.shape[0], experts.gate.shape[1], device=x.device)
         for c in chunks(x.shape[0]):
-            h = hidden_fp32(x[c], experts.gate[j], experts.up[j], act, dt)
+            h = hidden_fp32(x[c], experts.gate[j], experts.up[j], act, dt, *experts.in_bias(j))
             corr += (a_dom[c].T @ h.to(dt)).float()  # only its argmax is used
             if target is not None:
-                target[c] += project_fp32(h, experts.down[j], dt) * share[c, g.index(j), None]
+                target[c] += project_fp32(h, experts.down[j], dt, experts.out_bias(j)) * share[c, g.index(j), None]
         mapped = corr.argmax(dim=0)  # dominant neuron for each neuron of j
         del corr
         g_j, u_j, d_j = expert_weights(experts, j, torch.float32)  # one member in fp32 at a time
@@ -150,8 +160,14 @@ def fix_dom_group(
         up.index_add_(0, mapped, u_j)
         down.index_add_(1, mapped, d_j)
         hits.index_add_(0, mapped, torch.ones_like(mapped, dtype=hits.dtype))
+        if biased:
+            gate_b.index_add_(0, mapped, experts.gate_bias[j].float())  # type: ignore[index]
+            up_b.index_add_(0, mapped, experts.up_bias[j].float())  # type: ignore[index]
         del g_j, u_j, d_j
-    return (gate / hits[:, None], up / hits[:, None], down / hits[None, :]), target
+    mats = (gate / hits[:, None], up / hits[:, None], down / hits[None, :])
+    if biased:
+        return (*mats, gate_b / hits, up_b / hits, down_b), target
+    return mats, target
 
 
 def _standardize(a: torch.Tensor) -> torch.Tensor:
@@ -178,19 +194,40 @@ def router_rows(
     problem, with L-BFGS from the `mean` rows. With sigmoid scores (`routing.scoring`), each new row's sigmoid is
     fitted to its group's summed member score, capped at 1, by binary cross-entropy (also convex).
     """
+    return reduce_router(router, groups, strategy, freqs, x, fit_steps, max_fit_tokens, routing)[0]
+
+
+def reduce_router(
+    router: torch.Tensor,
+    groups: list[list[int]],
+    strategy: str,
+    freqs: torch.Tensor,
+    x: torch.Tensor | None = None,
+    fit_steps: int = 30,
+    max_fit_tokens: int = 4096,
+    routing: Routing | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """K router rows for K groups (`router_rows`) and, when `routing` has a router bias added to the logits
+    (gpt-oss's `router.bias`), its K entries reduced by the same rule: the most-used member's entry (`dominant`),
+    the frequency-weighted mean (`mean`; a singleton keeps its own), or fitted together with the rows (`fit`: the
+    bias is the weight of a constant input feature, so the same convex problem fits both)."""
+    logit_bias = None if routing is None else routing.logit_bias
     if strategy == "dominant":
-        return router[[most_used(g, freqs) for g in groups]].clone()
+        ids = [most_used(g, freqs) for g in groups]
+        return router[ids].clone(), None if logit_bias is None else logit_bias[ids].clone()
     mean = torch.stack([
         torch.einsum("g,gh->h", _weights(g, freqs).to(router.device), router[g].float()) for g in groups
     ])
+    mean_bias = router_bias(logit_bias, groups, "mean", freqs)
     if strategy == "mean":
-        return mean.to(router.dtype)
+        return mean.to(router.dtype), mean_bias
     if strategy != "fit":
         raise ValueError(f"router strategy must be one of {ROUTER_MODES}")
     if x is None:
         raise ValueError("the fitted router needs the calibration hidden states")
     if all(len(g) == 1 for g in groups):
-        return router[[g[0] for g in groups]].clone()
+        ids = [g[0] for g in groups]
+        return router[ids].clone(), None if logit_bias is None else logit_bias[ids].clone()
     xs = x[:: max(1, x.shape[0] // max_fit_tokens)].float()
     with torch.no_grad():
         probs = _scores(xs @ router.float().T, routing)
@@ -198,7 +235,11 @@ def router_rows(
     sigmoid = routing is not None and routing.scoring == "sigmoid"
     if sigmoid:
         target = target.clamp(max=1.0)
-    w = mean.detach().float().clone().requires_grad_(True)
+    start = mean.detach().float()
+    if mean_bias is not None:  # the bias is fitted as the row entry of a constant feature 1
+        xs = torch.cat([xs, torch.ones(xs.shape[0], 1, device=xs.device)], dim=1)
+        start = torch.cat([start, mean_bias.float().reshape(-1, 1).to(start.device)], dim=1)
+    w = start.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=fit_steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -213,7 +254,11 @@ def router_rows(
 
     with torch.enable_grad():
         opt.step(closure)
-    return w.detach().to(router.dtype)
+    w = w.detach()
+    if mean_bias is None:
+        return w.to(router.dtype), None
+    assert logit_bias is not None
+    return w[:, :-1].to(router.dtype).contiguous(), w[:, -1].to(logit_bias.dtype).contiguous()
 
 
 def router_bias(bias: torch.Tensor | None, groups: list[list[int]], strategy: str,

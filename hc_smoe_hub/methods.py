@@ -14,7 +14,7 @@ import torch
 
 from hc_smoe_hub.clustering import hierarchical_groups
 from hc_smoe_hub.fastpath import group_fit_tokens, joint_fit_tokens
-from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, router_bias, router_rows, weighted_merge
+from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, reduce_router, router_bias, weighted_merge
 from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
 from hc_smoe_hub.stats import LayerStats
@@ -69,10 +69,12 @@ class LayerPlan:
     extra: dict = field(default_factory=dict)
     # (K,) the reduced per-expert selection bias, for families whose router has one (reduced like the rows).
     bias: torch.Tensor | None = None
+    # (K,) the reduced router bias added to the logits (gpt-oss's router.bias), reduced with the rows.
+    logit_bias: torch.Tensor | None = None
 
     def routing(self, source: Routing) -> Routing:
         """The routing of the reduced layer this plan writes."""
-        return source.reduced(self.experts.count, self.bias)
+        return source.reduced(self.experts.count, self.bias, self.logit_bias)
 
 
 def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions) -> LayerPlan:
@@ -108,14 +110,15 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     if refit:
         experts = refit_down(ctx.experts, experts, groups, group_tokens(), ctx.router, ctx.act,
                              routing=ctx.routing)
-    router = router_rows(ctx.router, groups, opts.router, freqs, ctx.x, routing=ctx.routing)
+    router, logit_bias = reduce_router(ctx.router, groups, opts.router, freqs, ctx.x, routing=ctx.routing)
     bias = router_bias(ctx.routing.bias, groups, opts.router, freqs)
     if rerouted and any(len(g) > 1 for g in groups):  # K = N keeps the layer bit-identical
         # Rows sampled so that each of the K merged experts sees about joint_fit_tokens (k of K per row).
         rows = joint_fit_tokens(inter) * len(groups) // min(ctx.routing.top_k, len(groups))
         experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
-                                      routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows)
-    return LayerPlan(groups, experts, router, bias=bias)
+                                      routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows,
+                                      new_logit_bias=logit_bias)
+    return LayerPlan(groups, experts, router, bias=bias, logit_bias=logit_bias)
 
 
 def hc_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:

@@ -5,8 +5,9 @@ intermediate size) onto a (T, H) target. They are solved in whichever form is sm
 A^T A + lam I when T >= I, or the dual (T, T) system A A^T + lam I when T < I (at Mixtral's intermediate 14336 an
 expert sees a few thousand sample tokens, and the dual is then several times cheaper in time and memory). Both give
 the same solution (push-through identity); both are factored by Cholesky in place, never with an identity matrix
-built. All arithmetic is fp32; each merged expert is cast back to the source dtype as soon as it is done, so the
-fp32 working set is one expert's.
+built. Experts with biases (gpt-oss) fit their down bias too: the design gets a column of ones (times the row's
+weight), and the solution's last column is the bias. All arithmetic is fp32; each merged expert is cast back to the
+source dtype as soon as it is done, so the fp32 working set is one expert's.
 """
 
 from __future__ import annotations
@@ -43,21 +44,30 @@ def ridge_rows(a: torch.Tensor, target: torch.Tensor, ridge: float, prior: torch
 
 
 def _design(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation, weight: torch.Tensor | None,
-            chunk: int = 4096) -> torch.Tensor:
-    """weight_t * h(x_t) for every token: (T, I) fp32 (products in the fast-path dtype of gate's dtype)."""
+            chunk: int = 4096, gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+            ones: bool = False) -> torch.Tensor:
+    """weight_t * h(x_t) for every token: (T, I) fp32 (products in the fast-path dtype of gate's dtype); with
+    `ones`, (T, I + 1) with weight_t in the last column, so that the solution's last column is a down bias."""
     dt = activation_dtype(gate.dtype, x.device)
-    out = torch.empty(x.shape[0], gate.shape[0], device=x.device)
+    inter = gate.shape[0]
+    out = torch.empty(x.shape[0], inter + int(ones), device=x.device)
     for c in chunks(x.shape[0], chunk):
-        out[c] = hidden_fp32(x[c], gate, up, act, dt)
+        if ones:
+            out[c, :inter] = hidden_fp32(x[c], gate, up, act, dt, gate_bias, up_bias)
+        else:
+            out[c] = hidden_fp32(x[c], gate, up, act, dt, gate_bias, up_bias)
+    if ones:
+        out[:, inter] = 1.0
     return out if weight is None else out.mul_(weight.reshape(-1, 1))
 
 
 def _solve_group(gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, target: torch.Tensor, mass: torch.Tensor,
-                 act: Activation, ridge: float) -> torch.Tensor:
+                 act: Activation, ridge: float, gate_bias: torch.Tensor | None = None,
+                 up_bias: torch.Tensor | None = None, with_bias: bool = False) -> torch.Tensor:
     """argmin_D sum_t mass_t ||h(x_t) D^T - target_t||^2 + ridge term: the rows carry sqrt(mass) so that tokens where
-    the group holds much router probability count more."""
+    the group holds much router probability count more. `with_bias`: D is (H, I + 1), its last column the bias."""
     root = mass.reshape(-1, 1).sqrt()
-    a = _design(x, gate, up, act, root)
+    a = _design(x, gate, up, act, root, gate_bias=gate_bias, up_bias=up_bias, ones=with_bias)
     return ridge_rows(a, target * root, ridge).T
 
 
@@ -68,9 +78,25 @@ def _group_target(experts: Experts, g: list[int], x: torch.Tensor, share: torch.
     target = torch.zeros(x.shape[0], experts.down.shape[1], device=x.device)
     for j, i in enumerate(g):
         for c in chunks(x.shape[0]):
-            h = hidden_fp32(x[c], experts.gate[i], experts.up[i], act, dt)
-            target[c] += share[c, j, None] * project_fp32(h, experts.down[i], dt)
+            h = hidden_fp32(x[c], experts.gate[i], experts.up[i], act, dt, *experts.in_bias(i))
+            target[c] += share[c, j, None] * project_fp32(h, experts.down[i], dt, experts.out_bias(i))
     return target
+
+
+def _with_downs(base: Experts, downs: list[torch.Tensor]) -> Experts:
+    """`base` with its down projections replaced; each of `downs` is (H, I), or (H, I + 1) with the down bias last
+    when the experts have biases."""
+    if not base.has_bias:
+        return Experts(base.gate, base.up, torch.stack(downs))
+    inter = base.gate.shape[1]
+    return Experts(base.gate, base.up, torch.stack([d[:, :inter] for d in downs]), base.gate_bias, base.up_bias,
+                   torch.stack([d[:, inter] for d in downs]))
+
+
+def _down_of(experts: Experts, k: int) -> torch.Tensor:
+    """Expert k's down projection (H, I), with its bias as an extra last column (H, I + 1) when it has one."""
+    bias = experts.out_bias(k)
+    return experts.down[k] if bias is None else torch.cat([experts.down[k], bias.reshape(-1, 1)], dim=1)
 
 
 def refit_down(
@@ -94,13 +120,14 @@ def refit_down(
     downs = []
     for c, (g, x) in enumerate(zip(groups, x_per_group, strict=True)):
         if len(g) == 1 or x.shape[0] == 0:
-            downs.append(base.down[c])
+            downs.append(_down_of(base, c))
             continue
         xf = x.float()
         share, mass = group_weights(xf, router, g, routing)
         target = _group_target(experts, g, xf, share, act)
-        downs.append(_solve_group(base.gate[c], base.up[c], xf, target, mass, act, ridge).to(base.down.dtype))
-    return Experts(base.gate, base.up, torch.stack(downs))
+        downs.append(_solve_group(base.gate[c], base.up[c], xf, target, mass, act, ridge, *base.in_bias(c),
+                                  with_bias=base.has_bias).to(base.down.dtype))
+    return _with_downs(base, downs)
 
 
 def fix_dom_refit(
@@ -113,19 +140,22 @@ def fix_dom_refit(
     only one group's fp32 expert and target are alive at a time.
     """
     dtype = experts.gate.dtype
-    done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    done: list[tuple[torch.Tensor, ...]] = []
     for g, x in zip(groups, x_per_group, strict=True):
         xf = x.float()
         fit = len(g) > 1 and x.shape[0] > 0
         share, mass = group_weights(xf, router, g, routing) if fit else (None, None)
-        (gate, up, down), target = fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
-        gate, up = gate.to(dtype), up.to(dtype)
+        merged, target = fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
+        gate, up, down = merged[0].to(dtype), merged[1].to(dtype), merged[2]
+        biases = tuple(b.to(dtype) for b in merged[3:])  # gate, up and down bias, when the experts have them
         if fit:
             # Solved on the gate/up rows as they will be stored, so the down projection fits what is written.
-            down = _solve_group(gate, up, xf, target, mass, act, ridge)
-        done.append((gate, up, down.to(dtype)))
+            down = _solve_group(gate, up, xf, target, mass, act, ridge, *biases[:2], with_bias=bool(biases))
+            if biases:
+                down, biases = down[:, :-1], (*biases[:2], down[:, -1].to(dtype))
+        done.append((gate, up, down.to(dtype), *biases))
         del target
-    return Experts(*(torch.stack([m[j] for m in done]) for j in range(3)))
+    return Experts.of([torch.stack([m[j] for m in done]) for j in range(len(done[0]))])
 
 
 class _Block:
@@ -160,14 +190,16 @@ def refit_down_rerouted(
     routed: torch.Tensor | None = None,
     cache_bytes: int = 1 << 30,
     new_bias: torch.Tensor | None = None,
+    new_logit_bias: torch.Tensor | None = None,
 ) -> Experts:
     """Re-fit the K down projections jointly, for the layer as the reduced model will route it.
 
     `refit_down` fits each merged expert to its own group's output, blind to the new routing. Here the K merged
-    experts (gate/up from `base`) are routed by `new_router` (and `new_bias`) exactly as the reduced model routes
-    (`routing.reduced`: its scores over the K new logits, top-min(k, K), its renormalization), weights w'_tk. The down
-    projections D_k are fitted so that sum_k w'_tk h'_k(x_t) D_k^T approximates the original routed output
-    y_t = sum_i w_ti E_i(x_t) (shared experts cancel) on a strided sample of at most `max_tokens` tokens of `x`.
+    experts (gate/up from `base`) are routed by `new_router` (and `new_bias`, `new_logit_bias`) exactly as the
+    reduced model routes (`routing.reduced`: its scores over the K new logits, top-min(k, K), its renormalization),
+    weights w'_tk. The down projections D_k are fitted so that sum_k w'_tk h'_k(x_t) D_k^T approximates the
+    original routed output y_t = sum_i w_ti E_i(x_t) (shared experts cancel) on a strided sample of at most
+    `max_tokens` tokens of `x`.
 
     Block-coordinate least squares: for each k in turn, over the tokens routed to k, the design row is
     w'_tk h'_k(x_t) and the target the residual r_t = y_t - sum_{j != k} w'_tj h'_j(x_t) D_j^T; D_k solves the
@@ -197,10 +229,12 @@ def refit_down_rerouted(
             tok, slot = torch.where(i0 == e)
             for s in range(0, tok.shape[0], chunk):
                 t = tok[s : s + chunk]
-                h = hidden_fp32(xs[t], experts.gate[e], experts.up[e], act, dt)
-                resid.index_add_(0, t, project_fp32(h, experts.down[e], dt) * w0[t, slot[s : s + chunk], None])
-    k_new, inter = base.count, base.gate.shape[1]
-    weights, indices = route(xs @ new_router.float().T, routing.reduced(k_new, new_bias))
+                h = hidden_fp32(xs[t], experts.gate[e], experts.up[e], act, dt, *experts.in_bias(e))
+                y = project_fp32(h, experts.down[e], dt, experts.out_bias(e))
+                resid.index_add_(0, t, y * w0[t, slot[s : s + chunk], None])
+    # With biases the down bias is one more coefficient per output: the design's last column (see the docstring).
+    k_new, inter = base.count, base.gate.shape[1] + int(base.has_bias)
+    weights, indices = route(xs @ new_router.float().T, routing.reduced(k_new, new_bias, new_logit_bias))
     blocks = []
     for k in range(k_new):
         tok, slot = torch.where(indices == k)
@@ -215,7 +249,8 @@ def refit_down_rerouted(
         """Design rows w'_tk h'_k(x_t) over the tokens routed to k: (T_k, I), in `dt`."""
         if k in cache:
             return cache[k]
-        a = _design(xs[blocks[k].tok], base.gate[k], base.up[k], act, blocks[k].w, chunk).to(dt)
+        a = _design(xs[blocks[k].tok], base.gate[k], base.up[k], act, blocks[k].w, chunk, *base.in_bias(k),
+                    ones=base.has_bias).to(dt)
         if keep:
             cache[k] = a
         return a
@@ -224,7 +259,7 @@ def refit_down_rerouted(
     for k, b in enumerate(blocks):
         if b.tok.shape[0] == 0:
             continue
-        a, d0 = design(k), base.down[k].float()
+        a, d0 = design(k), _down_of(base, k).float()
         resid.index_add_(0, b.tok, -matmul_fp32(a, d0.T, dt))
         if b.dual:
             af = a.float()  # one fp32 copy of the (T_k, I) rows, not one per operand
@@ -266,20 +301,20 @@ def refit_down_rerouted(
                 # added back from the factor, (L L^T - lam) D, instead of from the (T_k, I) rows.
                 d_t = b.down.T
                 rhs = matmul_fp32(a.T, resid[b.tok], dt) + chol @ (chol.T @ d_t) - b.lam * d_t
-                rhs += b.lam * base.down[k].float().T
+                rhs += b.lam * _down_of(base, k).float().T
                 new = torch.cholesky_solve(rhs, chol).T
                 resid.index_add_(0, b.tok, -matmul_fp32(a, (new - b.down).T, dt))
                 b.down = new
     downs = []
     for k, b in enumerate(blocks):
         if b.tok.shape[0] == 0:
-            downs.append(base.down[k])
+            downs.append(_down_of(base, k))
         elif b.dual:
             assert b.coef is not None
-            downs.append((base.down[k].float() + matmul_fp32(b.coef.T, design(k), dt)).to(base.down.dtype))
+            downs.append((_down_of(base, k).float() + matmul_fp32(b.coef.T, design(k), dt)).to(base.down.dtype))
         else:
             assert b.down is not None
             downs.append(b.down.to(base.down.dtype))
         cache.pop(k, None)
         b.chol = b.coef = b.down = None
-    return Experts(base.gate, base.up, torch.stack(downs))
+    return _with_downs(base, downs)

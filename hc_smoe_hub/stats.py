@@ -20,7 +20,7 @@ class LayerStats:
     counts: torch.Tensor  # (N,) tokens whose top-k (frequency top-k) includes i
     prob_mass: torch.Tensor  # (N,) summed router score (softmax or sigmoid, unbiased) over tokens
     saliency: torch.Tensor  # (N,) REAP: mean over routed tokens of gate weight * ||E_i(x)||
-    router_logits: torch.Tensor  # (T, N) fp32
+    router_logits: torch.Tensor  # (T, N) fp32, x @ W^T without the router's own bias (`Routing.biased` adds it)
     tokens: int
     routed_output: torch.Tensor  # (T, H) fp32: the original routed block output on every calibration token
     sample_rows: torch.Tensor | None = None  # (S,) the calibration tokens on which merge errors are measured
@@ -55,9 +55,10 @@ def collect(
     block again, the re-routed refit fits to it, and its rows `sample_rows` are the reference for the merge error.
     """
     n = experts.count
-    logits = (x @ router.T.to(x.dtype)).float()
+    logits = (x @ router.T.to(x.dtype)).float()  # without the router's own bias: `route` adds it
     weights, indices = route(logits, routing)
-    freq_indices = indices if freq_top_k in (None, routing.top_k) else torch.topk(logits, freq_top_k, -1).indices
+    freq_indices = (indices if freq_top_k in (None, routing.top_k)
+                    else torch.topk(routing.biased(logits), freq_top_k, -1).indices)
     counts = torch.bincount(freq_indices.flatten(), minlength=n).float()
     prob_mass = routing.scores(logits).sum(0)
     # Gate weight of expert i on each token (0 where not routed), for the saliency.
@@ -72,8 +73,9 @@ def collect(
     features = torch.empty(n, experts.down.shape[1], dtype=torch.float32, device=x.device)
     for i in range(n):
         gate, up, down = expert_weights(experts, i, x.dtype)  # one expert converted at a time
+        out_bias = experts.out_bias(i)
         for s in range(0, x.shape[0], chunk):
-            h = expert_hidden(x[s : s + chunk], gate, up, act, out=buffers)
+            h = expert_hidden(x[s : s + chunk], gate, up, act, buffers, *experts.in_bias(i))
             hidden_sum[i] += h.float().sum(0)
             # The down projection is linear, so the mean output needs it only once, on the mean activation;
             # per-token outputs are computed only on the tokens routed to the expert.
@@ -82,8 +84,12 @@ def collect(
             if rows.numel() == 0:
                 continue
             y = (h[rows] @ down.T).float()
+            if out_bias is not None:
+                y += out_bias.float()
             saliency[i] += (w[rows] * y.norm(dim=-1)).sum()
             full.index_add_(0, rows + s, y * w[rows, None])
         features[i] = down.float() @ (hidden_sum[i] / x.shape[0])
+        if out_bias is not None:
+            features[i] += out_bias.float()
     saliency = torch.where(routed > 0, saliency / routed.clamp(min=1), torch.zeros_like(saliency))
     return LayerStats(features, counts, prob_mass, saliency, logits, x.shape[0], full, sample_rows)

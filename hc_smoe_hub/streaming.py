@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
-from transformers.activations import ACT2FN
 
 from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
@@ -110,11 +109,9 @@ class StreamingMerger:
         self.src, self.config, self.spec, self.s = source, config, spec, settings
         self.n_experts = spec.num_experts(config)
         self.hf_config = spec.hf_config(src_dir)
-        self.hf_config._attn_implementation = "sdpa"
+        self.hf_config._attn_implementation = spec.attn_implementation
         self.routing = spec.routing(config)  # each MoE layer adds its own selection bias, when the family has one
-        hidden_act = spec.cfg(config).get("hidden_act", "silu")
-        # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
-        self.act = torch.nn.functional.silu if hidden_act == "silu" else ACT2FN[hidden_act]
+        self.act = spec.act(config)  # the family's gated activation strategy (F.silu for SwiGLU with silu)
         self.num_layers = spec.num_layers(config)
         self.moe_layers = [i for i in range(self.num_layers) if spec.router_key(i) in source]
         if not self.moe_layers:
@@ -144,6 +141,7 @@ class StreamingMerger:
                                                        {k: self.src.tensors[k].shape for k in keys}))
         dropped = expert_keys - set(expert_shapes)
         routers = {self.spec.router_key(layer) for layer in self.moe_layers}
+        routers |= {self.spec.logit_bias_key(layer) for layer in self.moe_layers if self.spec.logit_bias_key(layer)}
         biases = {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
         plan = []
         for key in self._ordered_keys():
@@ -257,13 +255,7 @@ class StreamingMerger:
         """On-disk tensors of one layer -> the decoder layer's in-memory state dict (the MoE block and its router
         renamed)."""
         prefix = self.spec.layer_prefix(layer_idx)
-        router_disk = self.spec.moe_disk + "." + self.spec.router
-        router_mem = self.spec.moe_module + "." + (self.spec.router_memory or "")
-        state = {}
-        for key, value in tensors.items():
-            rel = key[len(prefix):]
-            state[router_mem if self.spec.router_memory and rel == router_disk else self.spec.memory_name(rel)] = value
-        return state
+        return {self.spec.memory_name(key[len(prefix):]): value for key, value in tensors.items()}
 
     def _load(self, module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> nn.Module:
         """Load `state` into a meta module; parameters under the prefix `skip` may stay on the meta device."""
@@ -340,6 +332,7 @@ class StreamingMerger:
                     n = h.shape[0] * h.shape[1]
                     xb = x[start : start + n].view(h.shape)
                     out = parts[0](xb)
+                    out = out[0] if isinstance(out, tuple) else out  # gpt-oss's block also returns router scores
                     for part in parts[1:]:
                         out = out + part(xb)
                     if scale is not None:  # Granite: residual + (moe + shared_mlp) * residual_multiplier
@@ -367,7 +360,10 @@ class StreamingMerger:
         router = tensors[spec.router_key(layer_idx)]
         bias_key = spec.bias_key(layer_idx)
         bias = tensors[bias_key] if bias_key else None
-        routing = replace(self.routing, bias=None if bias is None else bias.float().reshape(-1))
+        lb_key = spec.logit_bias_key(layer_idx)  # the router's own bias on the logits (gpt-oss), when it has one
+        logit_bias = tensors[lb_key] if lb_key else None
+        routing = replace(self.routing, bias=None if bias is None else bias.float().reshape(-1),
+                          logit_bias=None if logit_bias is None else logit_bias.float())
         moe_prefix = spec.moe_module + "."
         unfused = self._layer_state(layer_idx, tensors)
         pre_moe = {k: v for k, v in unfused.items() if not k.startswith(moe_prefix)}
@@ -391,7 +387,7 @@ class StreamingMerger:
         ref = stats.sampled_output
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 
-        merged_keys = expert_keys | {spec.router_key(layer_idx), bias_key}
+        merged_keys = expert_keys | {spec.router_key(layer_idx), bias_key, lb_key}
         new_bias = None if bias is None else plan.bias.to(bias.dtype).reshape(*bias.shape[:-1], self.s.keep)
         for key in keys:
             if key not in merged_keys:
@@ -399,6 +395,8 @@ class StreamingMerger:
         writer.write(spec.router_key(layer_idx), merged_router)
         if bias_key:
             writer.write(bias_key, new_bias)
+        if lb_key and logit_bias is not None and plan.logit_bias is not None:
+            writer.write(lb_key, plan.logit_bias.to(logit_bias.dtype))
         self.storage.write(writer, spec.experts_base(layer_idx), plan.experts)
         groups, extra = plan.groups, plan.extra
         del plan
@@ -441,3 +439,5 @@ class StreamingMerger:
             raise RuntimeError(f"method {self.s.options.method} returned a plan of the wrong size")
         if plan.experts.gate.shape[1:] != experts.gate.shape[1:]:
             raise RuntimeError("merged experts changed shape")
+        if plan.experts.has_bias != experts.has_bias:
+            raise RuntimeError(f"method {self.s.options.method} dropped or invented the experts' biases")

@@ -47,7 +47,7 @@ class SubsetProblem:
     gram: torch.Tensor  # (S, N, N) <Y_i(s), Y_j(s)>
     cross: torch.Tensor  # (S, N) <Y_i(s), y_s>, y_s the original routed output
     ref: float  # sum_s ||y_s||^2
-    logits: torch.Tensor  # (S, N) fp32 original router logits
+    logits: torch.Tensor  # (S, N) fp32 original router logits, the router's own bias (if any) added
     routing: Routing  # the pruned model's routing: top-min(k, K), the model's renormalization
     keep: int
 
@@ -66,7 +66,10 @@ def problem_from_outputs(outputs: torch.Tensor, logits: torch.Tensor, routing: R
 def problem_from_gram(gram: torch.Tensor, logits: torch.Tensor, routing: Routing, keep: int) -> SubsetProblem:
     """The problem from the per-token Gram matrices (S, N, N) fp64 and the original routing (model's top-k)."""
     s, n = logits.shape
-    logits = logits.float().to(gram.device)
+    # The router's own bias (gpt-oss) is a constant per expert added to its logit: folded into the logits, it is
+    # indexed with them per subset, and a top-k-then-softmax router is then plain softmax for the closed forms.
+    logits = routing.biased(logits).to(gram.device)
+    routing = replace(routing, logit_bias=None)
     w0, i0 = route(logits, routing)
     g0 = torch.zeros(s, n, dtype=torch.float64, device=gram.device).scatter_(1, i0, w0.double())
     cross = torch.einsum("sij,sj->si", gram, g0)

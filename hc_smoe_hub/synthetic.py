@@ -64,6 +64,23 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                     "n_shared_experts": 2, "moe_intermediate_size": 16, "intermediate_size": 48,
                     "first_k_dense_replace": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0,
                     "norm_topk_prob": False, **_MLA},
+    # Granite: every layer MoE; multipliers other than 1 so that a missed one shows.
+    "granitemoe": {"model_type": "granitemoe", **_GRANITE},
+    "granitemoeshared": {"model_type": "granitemoeshared", **_GRANITE, "shared_intermediate_size": 24},
+    # Mamba-2 and attention layers (layer_types), no position embeddings, as the Granite 4.0 hybrids.
+    "granitemoehybrid": {"model_type": "granitemoehybrid", **_GRANITE, "shared_intermediate_size": 24,
+                         "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                         # The Hub's configs name them as transformers 4 did; transformers 5 remaps them on load.
+                         "hub_fields": {"layer_types": ["mamba", "attention", "mamba"]},
+                         "position_embedding_type": "nope",
+                         "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 16},
+    # gpt-oss: fused, interleaved gate/up experts with biases, a router bias, sliding-window and full attention
+    # layers with sinks. Dims are multiples of 32, so that the experts can be stored in MXFP4 (`quantize_mxfp4`).
+    # The Hub's config.json repeats top-k as `experts_per_token`.
+    "gpt_oss": {"model_type": "gpt_oss", "num_local_experts": 8, "num_experts_per_tok": 2, "experts_per_token": 2,
+                "intermediate_size": 32, "head_dim": 8, "sliding_window": 8, "max_position_embeddings": 4096,
+                "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}},
     # Families with per-expert keys on disk (tests/test_families_per_expert.py). `mtp_keys` lays out an MTP layer
     # stored under its own prefix, as the Hub checkpoints do: a copy of the last decoder layer under `block`, plus
     # the projection and norms named there.
@@ -86,16 +103,6 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
                        "intermediate_size": 16, "head_dim": 8},
     "phimoe": {"model_type": "phimoe", "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 16,
                "router_jitter_noise": 0.01},
-    # Granite: every layer MoE; multipliers other than 1 so that a missed one shows.
-    "granitemoe": {"model_type": "granitemoe", **_GRANITE},
-    "granitemoeshared": {"model_type": "granitemoeshared", **_GRANITE, "shared_intermediate_size": 24},
-    # Mamba-2 and attention layers (layer_types), no position embeddings, as the Granite 4.0 hybrids.
-    "granitemoehybrid": {"model_type": "granitemoehybrid", **_GRANITE, "shared_intermediate_size": 24,
-                         "layer_types": ["linear_attention", "full_attention", "linear_attention"],
-                         # The Hub's configs name them as transformers 4 did; transformers 5 remaps them on load.
-                         "hub_fields": {"layer_types": ["mamba", "attention", "mamba"]},
-                         "position_embedding_type": "nope",
-                         "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 16},
 }
 
 
@@ -125,9 +132,10 @@ def tiny_config(family: str, num_layers: int = 3, hidden: int = 32, **overrides:
 
 def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int = 3, hidden: int = 32,
                    seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "40KB",
-                   fp8: bool = False, **overrides: Any) -> Path:
+                   fp8: bool = False, mxfp4: bool = False, **overrides: Any) -> Path:
     """Save a randomly initialised tiny MoE (and tokenizer) of `family` into `directory`, in several shards;
-    with `fp8`, its decoder projections block-quantized as the Hub's FP8 releases store them (`quantize_fp8`)."""
+    with `fp8`, its decoder projections block-quantized as the Hub's FP8 releases store them (`quantize_fp8`);
+    with `mxfp4` (gpt-oss), its experts in MXFP4 as openai/gpt-oss-* store them (`quantize_mxfp4`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -161,6 +169,8 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
         cfg_path.write_text(json.dumps(data, indent=2))
     if fp8:
         quantize_fp8(directory)
+    if mxfp4:
+        quantize_mxfp4(directory)
     build_tokenizer(directory)
     return directory
 
@@ -198,6 +208,41 @@ def quantize_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
     data = json.loads(cfg_path.read_text())
     data["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                    "weight_block_size": list(block)}
+    cfg_path.write_text(json.dumps(data, indent=2))
+
+
+def quantize_mxfp4(directory: Path) -> None:
+    """Rewrite a saved gpt-oss checkpoint as openai/gpt-oss-* store it: every layer's fused
+    ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj`` as MXFP4 ``_blocks`` and ``_scales`` in the same
+    shard; their biases, the routers, attention, norms, embeddings and head unchanged; `quantization_config` (with
+    the Hub's ``modules_to_not_convert``) added to config.json."""
+    from safetensors import safe_open
+
+    from hc_smoe_hub.quant import Mxfp4Format
+
+    fmt = Mxfp4Format()
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, "pt") as h:
+            names = h.keys()
+            tensors = {k: h.get_tensor(k) for k in names}
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            quantize = key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+            out.update(fmt.quantize(value, key) if quantize else {key: value})
+        save_file(out, str(shard), metadata={"format": "pt"})
+        if index is not None:
+            for key in tensors:
+                if key not in out:
+                    index["weight_map"].pop(key, None)
+            index["weight_map"].update({k: shard.name for k in out})
+    if index is not None:
+        index_path.write_text(json.dumps(index, indent=2))
+    cfg_path = directory / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     cfg_path.write_text(json.dumps(data, indent=2))
 
 
@@ -284,10 +329,12 @@ def calibration_text(path: Path, paragraphs: int = 200, seed: int = 0) -> Path:
 
 def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the checkpoint as stored on the Hub, with its shape, from the model class built on the
-    meta device: the in-memory fused experts (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)) become the
-    on-disk keys of `spec`'s expert storage, and the MoE block and its router take their on-disk names."""
+    meta device: the in-memory fused experts (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), or gpt-oss's
+    (E, H, 2I) / (E, I, H) with biases) become the on-disk keys of `spec`'s expert storage, and the MoE block and its
+    router take their on-disk names."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    hidden = int(config.get_text_config().hidden_size)  # I from the gate/up size, whichever way it is laid out
     fused = f".{spec.moe_module}.{spec.experts_module}."
     layout: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict().items():
@@ -298,8 +345,9 @@ def disk_layout(config: Any, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
         rel = name[len(spec.layer_prefix(layer)):]
         if fused in "." + rel:
             if rel.endswith("gate_up_proj"):
-                n, two_i, hidden = tensor.shape
-                layout |= spec.storage.disk_shapes(spec.experts_base(layer), n, two_i // 2, hidden)
+                n = tensor.shape[0]
+                layout |= spec.storage.disk_shapes(spec.experts_base(layer), n, tensor[0].numel() // (2 * hidden),
+                                                   hidden)
             continue
         if spec.router_memory and rel == f"{spec.moe_module}.{spec.router_memory}":
             rel = f"{spec.moe_disk}.{spec.router}"

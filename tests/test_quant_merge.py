@@ -244,8 +244,9 @@ def test_mxfp4_reader_lists_logical_keys_and_reads_one_expert(gpt_oss_file):
     key = P + "experts.gate_up_proj"
     whole = Mxfp4Format().dequantize(raw.read(Mxfp4Format().tensor_keys(key)), key, torch.float32)
     assert torch.equal(src.read([key])[key], whole)
-    assert torch.equal(src.read_rows(key, 2), whole[2])  # only expert 2's blocks and scales are read
-    assert torch.equal(src.read_rows(P + "router.weight", 1), raw.read([P + "router.weight"])[P + "router.weight"][1])
+    assert torch.equal(src.read([key], index=2)[key], whole[2])  # only expert 2's blocks and scales are read
+    router = P + "router.weight"
+    assert torch.equal(src.read([router], index=1)[router], raw.read([router])[router][1])
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["requantized", "dequantized"])

@@ -45,7 +45,7 @@ def test_dense_model_is_refused(tmp_path, capsys, merge_args):
 def test_unsupported_moe_family_is_refused(tmp_path, capsys, merge_args):
     src = tmp_path / "dbrx"
     src.mkdir()
-    (src / "config.json").write_text(DbrxConfig().to_json_string())
+    (src / "config.json").write_text(DbrxConfig().to_json_string())  # a MoE family with no row
     out = tmp_path / "out"
     refuse(capsys, [str(src), "--keep", "2", "--output-dir", str(out), *merge_args], out,
            "model_type 'dbrx' is not a supported")

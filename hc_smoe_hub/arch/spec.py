@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from hc_smoe_hub.arch.storage import ExpertStorage, PerExpert
-from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
+from hc_smoe_hub.arch.strategies import DenseLayers, ExpertActivation, ExtraLayers, Scoring
 from hc_smoe_hub.errors import HcSmoeError, UnsupportedModelError
 from hc_smoe_hub.routing import Routing
 
@@ -56,7 +56,9 @@ class ArchSpec:
     moe_siblings: tuple[str, ...] = ()
     residual_scale_key: str | None = None
     top_k_key: str = "num_experts_per_tok"
+    top_k_aliases: tuple[str, ...] = ()  # config keys repeating top-k, clamped with it (gpt-oss: experts_per_token)
     scoring: Scoring = field(default_factory=Scoring)
+    activation: ExpertActivation = field(default_factory=ExpertActivation)
     dense: DenseLayers = field(default_factory=DenseLayers)
     extra_layers: ExtraLayers = field(default_factory=ExtraLayers)
     text_config: str | None = None
@@ -67,6 +69,7 @@ class ArchSpec:
     embed_disk: str | None = None  # the embedding's on-disk name when it differs (Qwen3.5's model.language_model.)
     layers_module: str = "model.layers"
     shared_expert_note: str = ""
+    attn_implementation: str = "sdpa"  # what the streaming skeleton runs; "eager" where sdpa is unsupported
     # (on-disk, in-memory) name prefixes relative to the decoder layer, after the MoE block's own rename: the
     # renames of the family's transformers conversion mapping (Phi-3.5-MoE's `gate` is `router` in memory).
     memory_renames: tuple[tuple[str, str], ...] = ()
@@ -100,9 +103,14 @@ class ArchSpec:
     def renormalizes(self, config: dict[str, Any]) -> bool:
         return self.routing(config).renormalize
 
-    def routing(self, config: dict[str, Any], bias: torch.Tensor | None = None) -> Routing:
-        """The source model's routing (with one layer's selection bias, when the family has one)."""
-        return self.scoring.routing(self.cfg(config), self.top_k(config), bias)
+    def routing(self, config: dict[str, Any], bias: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None) -> Routing:
+        """The source model's routing (with one layer's selection bias and router bias, when the family has them)."""
+        return self.scoring.routing(self.cfg(config), self.top_k(config), bias, logit_bias)
+
+    def act(self, config: dict[str, Any]):
+        """The experts' gated activation (`activations.gated` takes it)."""
+        return self.activation.build(self.cfg(config))
 
     def moe_layer_ids(self, config: dict[str, Any]) -> list[int]:
         c = self.cfg(config)
@@ -135,6 +143,7 @@ class ArchSpec:
         # A per-layer list stays a list of the same length (every entry is equal, `top_k` checks).
         out[self.top_k_key] = ([min(self.top_k(config), keep)] * len(top_k) if isinstance(top_k, list)
                                else min(self.top_k(config), keep))
+        out.update({key: min(self.top_k(config), keep) for key in self.top_k_aliases if key in self.cfg(config)})
         out.update(self.extra_layers.reduced(self.cfg(config)))
         return out
 
@@ -171,6 +180,10 @@ class ArchSpec:
                         "routed_scaling_factor": r.scale},
             "moe_layers": self.moe_layer_ids(config),
         }
+        if self.scoring.logit_bias:
+            out["routing"]["router_bias"] = self.scoring.logit_bias
+        if self.activation != ExpertActivation():
+            out["activation"] = self.activation.kind
         if r.scoring == "sparsemixer":
             out["routing"]["jitter_eps"] = r.jitter_eps
         if extra:
@@ -193,15 +206,10 @@ class ArchSpec:
         """On-disk key of the per-expert selection bias of one layer, when the family has one."""
         return f"{self.layer_prefix(layer)}{self.moe_disk}.{self.scoring.bias}" if self.scoring.bias else None
 
-    def memory_name(self, rel: str) -> str:
-        """A decoder layer's on-disk tensor name (relative to the layer) as the transformers module names it."""
-        moe_disk = self.moe_disk + "."
-        if rel.startswith(moe_disk):
-            rel = self.moe_module + "." + rel[len(moe_disk):]
-        for disk, memory in self.memory_renames:
-            if rel.startswith(disk):
-                return memory + rel[len(disk):]
-        return rel
+    def logit_bias_key(self, layer: int) -> str | None:
+        """On-disk key of the router's own bias (added to the logits) of one layer, when the family has one."""
+        name = self.scoring.logit_bias
+        return f"{self.layer_prefix(layer)}{self.moe_disk}.{name}" if name else None
 
     def experts_base(self, layer: int) -> str:
         """The prefix the storage strategy's keys are relative to: the layer's MoE block on disk."""
@@ -214,6 +222,18 @@ class ArchSpec:
             if all(k in keys for k in storage.keys(self.experts_base(layer), n)):
                 return storage
         return self.storage
+
+    def memory_name(self, rel: str) -> str:
+        """A decoder layer's on-disk tensor name (relative to the layer) as the transformers module names it."""
+        if self.router_memory and rel == f"{self.moe_disk}.{self.router}":  # Granite: router.layer -> router
+            return f"{self.moe_module}.{self.router_memory}"
+        moe_disk = self.moe_disk + "."
+        if rel.startswith(moe_disk):
+            rel = self.moe_module + "." + rel[len(moe_disk):]
+        for disk, memory in self.memory_renames:
+            if rel.startswith(disk):
+                return memory + rel[len(disk):]
+        return rel
 
     def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         """On-disk keys of (gate, up, down) of one expert, for per-expert storage only."""

@@ -9,6 +9,8 @@ row and never a branch on model names. They mirror transformers 5.24's own modul
 - `DenseLayers`: which decoder layers have routed experts (`first_k_dense_replace`, `decoder_sparse_step` with
   `mlp_only_layers`, `mlp_layer_types`).
 - `ExtraLayers`: multi-token-prediction layers stored after the last decoder layer (`num_nextn_predict_layers`).
+- `ExpertActivation`: how an expert combines its gate and up projections (SwiGLU with `hidden_act`, or gpt-oss's
+  clamped GLU with `swiglu_alpha` / `swiglu_limit`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hc_smoe_hub.activations import Activation, ClampedGlu
 from hc_smoe_hub.routing import Routing
 
 
@@ -33,15 +36,17 @@ class Scoring:
     """Router scoring of one family.
 
     `scores`: "softmax" (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2, ERNIE-4.5, Hunyuan), "sigmoid" (DeepSeek-V3, Kimi K2,
-    GLM-4.5, MiniMax-M2), "sparsemixer" (Phi-3.5-MoE: always two experts, each weighted by a softmax over the
-    logits within `jitter_key`'s relative margin of it, `routing.route`) or "topk-softmax" (Granite MoE, gpt-oss:
-    top-k on the logits, then the softmax over the k chosen; set `renormalize` "always", which it is in exact
-    arithmetic).
+    GLM-4.5, MiniMax-M2), "topk-softmax" (Granite MoE, gpt-oss: top-k on the logits, then the softmax over the k
+    chosen; set `renormalize` "always", which it is in exact arithmetic) or "sparsemixer" (Phi-3.5-MoE: always two
+    experts, each weighted by a softmax over the logits within `jitter_key`'s relative margin of it,
+    `routing.route`).
     `renormalize`: "always", "never" or the config key that decides (`norm_topk_prob`); DeepSeek-V2's transformers
     router never renormalizes, whatever its config says, and the rows follow the module, not the config.
     `bias`: the router tensor (relative to the MoE block on disk) added to the scores for the choice only.
     `grouping`: "none"; "top2-sum" (a group's score is the sum of its two best biased scores, DeepSeek-V3 / GLM);
     or "max" (its best score, DeepSeek-V2's `group_limited_greedy`), active only when `group_when` holds.
+    `scores` "topk-softmax" (gpt-oss: the top-k logits, then a softmax over those k) with `logit_bias`, the router
+    tensor (relative to the MoE block on disk) added to the logits themselves (gpt-oss's `router.bias`).
     """
 
     scores: str = "softmax"
@@ -50,6 +55,7 @@ class Scoring:
     grouping: str = "none"
     group_when: tuple[str, str] | None = None  # (config key, value) that switches grouping on, e.g. topk_method
     scaling_key: str | None = None  # routed_scaling_factor
+    logit_bias: str | None = None  # router.bias (gpt-oss)
     jitter_key: str | None = None  # sparsemixer's margin (router_jitter_noise)
 
     def grouped(self, config: dict[str, Any]) -> bool:
@@ -59,7 +65,8 @@ class Scoring:
             return False
         return int(config.get("n_group") or 1) > 1
 
-    def routing(self, config: dict[str, Any], top_k: int, bias: torch.Tensor | None = None) -> Routing:
+    def routing(self, config: dict[str, Any], top_k: int, bias: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None) -> Routing:
         grouped = self.grouped(config)
         scale = float(config.get(self.scaling_key) or 1.0) if self.scaling_key else 1.0
         return Routing(
@@ -73,6 +80,7 @@ class Scoring:
             scale=scale,
             # The sigmoid routers add 1e-20 to the denominator; the softmax ones divide by the plain sum.
             renorm_eps=1e-20 if self.scores == "sigmoid" else 0.0,
+            logit_bias=logit_bias,
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
         )
 
@@ -134,7 +142,7 @@ class DenseLayers:
 class ExtraLayers:
     """Layers stored after the last decoder layer that the transformers class does not build (DeepSeek-V3 and
     GLM-4.5's multi-token-prediction layers `model.layers.{num_hidden_layers + i}.*`), or under their own
-    top-level `key_prefixes` (Qwen3-Next's and Qwen3.5's `mtp.*`).
+    `key_prefixes` (Qwen3.5's and Qwen3-Next's `mtp.*`).
 
     They are dropped from the output and every `count_keys` entry set to 0, so the reduced config says what the
     checkpoint holds; the provenance records it. Reducing them too would need the MTP head, which transformers
@@ -153,3 +161,30 @@ class ExtraLayers:
 
     def reduced(self, config: dict[str, Any]) -> dict[str, Any]:
         return {k: 0 for k in self.count_keys if k in config}
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert turns its gate and up products into its intermediate activations.
+
+    "silu-glu": act(gate) * up with the config's `hidden_act` (silu for every family so far); "clamped-glu":
+    gpt-oss's `GptOssExperts._apply_gate`, with alpha and limit read from the config keys named here.
+    """
+
+    kind: str = "silu-glu"
+    alpha_key: str = "swiglu_alpha"
+    limit_key: str = "swiglu_limit"
+
+    def build(self, config: dict[str, Any]) -> Activation | ClampedGlu:
+        if self.kind == "clamped-glu":
+            return ClampedGlu(alpha=float(config.get(self.alpha_key, 1.702)),
+                              limit=float(config.get(self.limit_key, 7.0)))
+        if self.kind != "silu-glu":
+            raise ValueError(f"unknown expert activation {self.kind}")
+        hidden_act = config.get("hidden_act", "silu")
+        if hidden_act == "silu":
+            # F.silu computes what transformers' SiLUActivation does, and lets the statistics pass run it in place.
+            return torch.nn.functional.silu
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[hidden_act]

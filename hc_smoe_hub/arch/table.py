@@ -10,7 +10,7 @@ from typing import Any
 
 from hc_smoe_hub.arch.spec import ArchSpec
 from hc_smoe_hub.arch.storage import Fused, PerExpert
-from hc_smoe_hub.arch.strategies import DenseLayers, ExtraLayers, Scoring
+from hc_smoe_hub.arch.strategies import DenseLayers, ExpertActivation, ExtraLayers, Scoring
 from hc_smoe_hub.errors import UnsupportedModelError
 
 # DeepSeek-V3's router: sigmoid scores, a selection-only bias, grouped top-k, renormalized, scaled.
@@ -145,6 +145,73 @@ SPECS: tuple[ArchSpec, ...] = (
         shared_expert_note=f"{_SHARED}; dense `first_k_dense_replace` layers copied",
     ),
     ArchSpec(
+        family="Qwen3.5 / Qwen3.6 MoE",
+        model_types=("qwen3_5_moe",),
+        expert_count_keys=("num_experts",),
+        hub_example="Qwen/Qwen3.5-397B-A17B",
+        tested="tiny vision-language checkpoint in the Hub's layout, fused experts and `mtp.*` weights "
+        "(tests/test_qwen3_5_moe.py): default and --paper, keep N identical, stock load, reduced router routes as "
+        "planned",
+        # The Hub repos are vision-language checkpoints (`text_config`, `model.language_model.*`); the engine runs
+        # the text-only class AutoModelForCausalLM builds for them (`model.layers`), which loads the output too.
+        text_config="text_config",
+        layers_prefix="model.language_model.layers.",
+        embed_disk="model.language_model.embed_tokens",
+        storage=Fused(),
+        other_storages=(PerExpert(),),  # as transformers 5's save_pretrained writes it
+        scoring=Scoring(renormalize="always"),
+        extra_layers=ExtraLayers(count_keys=("mtp_num_hidden_layers",), key_prefixes=("mtp.",)),
+        shared_expert_note="fused experts, written back fused; shared_expert and its gate, the Gated DeltaNet "
+        "layers and the vision tower (`model.visual.*`) copied unchanged; MTP weights (`mtp.*`) dropped "
+        "(`mtp_num_hidden_layers` set to 0)",
+    ),
+    ArchSpec(
+        family="Granite MoE (3.0 / 3.1)",
+        model_types=("granitemoe",),
+        hub_example="ibm-granite/granite-3.1-3b-a800m-instruct",
+        tested=_GRANITE_TESTED,
+        shared_expert_note="fused experts on disk, written back fused; top-k then softmax router",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="Granite MoE with shared experts",
+        model_types=("granitemoeshared",),
+        hub_example="ibm-research/moe-7b-1b-active-shared-experts",
+        tested=_GRANITE_TESTED,
+        moe_siblings=("shared_mlp",),
+        shared_expert_note="fused experts, written back fused; `shared_mlp` copied unchanged",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="Granite 4.0 hybrid (Mamba-2 + attention, MoE)",
+        model_types=("granitemoehybrid",),
+        hub_example="ibm-granite/granite-4.0-h-tiny",
+        tested=_GRANITE_TESTED,
+        moe_siblings=("shared_mlp",),
+        shared_expert_note="fused experts, written back fused; `shared_mlp` and the Mamba-2 mixers copied unchanged",
+        **_GRANITE,
+    ),
+    ArchSpec(
+        family="gpt-oss",
+        model_types=("gpt_oss",),
+        expert_count_keys=("num_local_experts",),
+        hub_example="openai/gpt-oss-20b",
+        tested="tiny checkpoints in the Hub's fused layout, BF16-style and MXFP4 (tests/test_gptoss.py): default and "
+        "--paper, keep N identical, stock load, reduced router routes as planned; expert math against "
+        "transformers' GptOssMLP (tests/test_gptoss_math.py)",
+        # Fused (E, H, 2I) experts, gate and up interleaved, with per-expert biases; a router bias on the logits,
+        # top-k then softmax; the clamped GLU (swiglu_alpha, swiglu_limit); attention sinks need eager attention.
+        top_k_aliases=("experts_per_token",),  # the Hub config.json repeats num_experts_per_tok under this name
+        router="router.weight",
+        storage=Fused(gate_up="experts.gate_up_proj", down="experts.down_proj", transposed=True, interleaved=True,
+                      gate_up_bias="experts.gate_up_proj_bias", down_bias="experts.down_proj_bias"),
+        scoring=Scoring(scores="topk-softmax", renormalize="always", logit_bias="router.bias"),
+        activation=ExpertActivation("clamped-glu"),
+        attn_implementation="eager",
+        shared_expert_note="fused experts with biases, written back fused (MXFP4 sources re-quantized, or "
+        "`--dtype bfloat16`); router bias reduced with the router rows",
+    ),
+    ArchSpec(
         family="Qwen3-Next",
         model_types=("qwen3_next",),
         expert_count_keys=("num_experts",),
@@ -212,53 +279,6 @@ SPECS: tuple[ArchSpec, ...] = (
         memory_renames=(("mlp.gate.", "mlp.router."),),  # transformers' PhimoeSparseMoeBlock calls it `router`
         shared_expert_note="`block_sparse_moe` on disk; sparsemixer routing (two experts, `router_jitter_noise` "
         "margin) reproduced by `route()`; `--keep` must be at least 2",
-    ),
-    ArchSpec(
-        family="Qwen3.5 / Qwen3.6 MoE",
-        model_types=("qwen3_5_moe",),
-        expert_count_keys=("num_experts",),
-        hub_example="Qwen/Qwen3.5-397B-A17B",
-        tested="tiny vision-language checkpoint in the Hub's layout, fused experts and `mtp.*` weights "
-        "(tests/test_qwen3_5_moe.py): default and --paper, keep N identical, stock load, reduced router routes as "
-        "planned",
-        # The Hub repos are vision-language checkpoints (`text_config`, `model.language_model.*`); the engine runs
-        # the text-only class AutoModelForCausalLM builds for them (`model.layers`), which loads the output too.
-        text_config="text_config",
-        layers_prefix="model.language_model.layers.",
-        embed_disk="model.language_model.embed_tokens",
-        storage=Fused(),
-        other_storages=(PerExpert(),),  # as transformers 5's save_pretrained writes it
-        scoring=Scoring(renormalize="always"),
-        extra_layers=ExtraLayers(count_keys=("mtp_num_hidden_layers",), key_prefixes=("mtp.",)),
-        shared_expert_note="fused experts, written back fused; shared_expert and its gate, the Gated DeltaNet "
-        "layers and the vision tower (`model.visual.*`) copied unchanged; MTP weights (`mtp.*`) dropped "
-        "(`mtp_num_hidden_layers` set to 0)",
-    ),
-    ArchSpec(
-        family="Granite MoE (3.0 / 3.1)",
-        model_types=("granitemoe",),
-        hub_example="ibm-granite/granite-3.1-3b-a800m-instruct",
-        tested=_GRANITE_TESTED,
-        shared_expert_note="fused experts on disk, written back fused; top-k then softmax router",
-        **_GRANITE,
-    ),
-    ArchSpec(
-        family="Granite MoE with shared experts",
-        model_types=("granitemoeshared",),
-        hub_example="ibm-research/moe-7b-1b-active-shared-experts",
-        tested=_GRANITE_TESTED,
-        moe_siblings=("shared_mlp",),
-        shared_expert_note="fused experts, written back fused; `shared_mlp` copied unchanged",
-        **_GRANITE,
-    ),
-    ArchSpec(
-        family="Granite 4.0 hybrid (Mamba-2 + attention, MoE)",
-        model_types=("granitemoehybrid",),
-        hub_example="ibm-granite/granite-4.0-h-tiny",
-        tested=_GRANITE_TESTED + "",
-        moe_siblings=("shared_mlp",),
-        shared_expert_note="fused experts, written back fused; `shared_mlp` and the Mamba-2 mixers copied unchanged",
-        **_GRANITE,
     ),
 )
 

@@ -3,8 +3,9 @@
 `QuantSource` wraps a `SourceCheckpoint` whose config declares a `QuantFormat`. It lists the LOGICAL keys (an FP8
 ``x.weight`` without its ``x.weight_scale_inv``, a gpt-oss ``experts.gate_up_proj`` instead of its ``_blocks`` and
 ``_scales``) with their unquantized shapes and the compute dtype, and returns each quantized weight dequantized to
-that dtype, one weight at a time; `read_rows` dequantizes one expert ``[e]`` of a fused ``(E, ...)`` weight from its
-slice of blocks and scales. Weights that are not quantized (norms, routers, embeddings) pass through unchanged.
+that dtype, one weight at a time; `read(..., index=e)` dequantizes one expert ``[e]`` of a fused ``(E, ...)``
+weight from its slice of blocks and scales. Weights that are not quantized (norms, routers, embeddings) pass
+through unchanged.
 
 `QuantWriter` is the `ShardedWriter` for such a source. `disk_plan` turns the engine's logical output plan into the
 exact on-disk one before anything is written (the writer reserves the disk up front): with ``out_dtype=None`` every
@@ -74,25 +75,21 @@ class QuantSource:
     def is_quantized(self, key: str) -> bool:
         return key in self.quantized
 
-    def read(self, keys: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def read(self, keys: Iterable[str], device: str | torch.device = "cpu",
+             index: int | None = None) -> dict[str, torch.Tensor]:
         """Load the given logical tensors; a quantized weight is dequantized alone (its parts are read, converted
-        and dropped before the next), so at most one weight's quantized parts are held beside the results."""
+        and dropped before the next), so at most one weight's quantized parts are held beside the results. With
+        `index`, row `index` of each (one expert of a fused ``(E, ...)`` weight), as `SourceCheckpoint.read`: the
+        same rows of a quantized weight's parts are read and only they are dequantized."""
         keys = list(keys)
-        plain = self.inner.read([k for k in keys if k not in self.quantized], device)
-        return {k: plain[k] if k in plain else self.read_as(k, self.dtype, device) for k in keys}
+        plain = self.inner.read([k for k in keys if k not in self.quantized], device, index=index)
+        return {k: plain[k] if k in plain else self.read_as(k, self.dtype, device, index) for k in keys}
 
-    def read_as(self, key: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One quantized weight dequantized to `dtype`."""
-        parts = self.inner.read(self.quantized[key], device)
+    def read_as(self, key: str, dtype: torch.dtype, device: str | torch.device = "cpu",
+                index: int | None = None) -> torch.Tensor:
+        """One quantized weight (or its row `index`) dequantized to `dtype`."""
+        parts = self.inner.read(self.quantized[key], device, index=index)
         return self.fmt.dequantize(parts, key, dtype)
-
-    def read_rows(self, key: str, index: int | slice, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows `index` of a logical tensor's first dim (one expert ``[e]`` of a fused ``(E, ...)`` weight): for a
-        quantized weight the same rows of its blocks and scales are read and only they are dequantized."""
-        if key not in self.quantized:
-            return self.inner.read_rows(key, index, device)
-        parts = {k: self.inner.read_rows(k, index, device) for k in self.quantized[key]}
-        return self.fmt.dequantize(parts, key, self.dtype)
 
     def copy_raw(self, key: str) -> Iterator[bytes]:
         """The logical tensor's bytes: a quantized weight's are its dequantized values in the compute dtype.
@@ -145,6 +142,26 @@ class QuantWriter(ShardedWriter):
             return
         for key, part in self.source.fmt.quantize(tensor, name).items():
             super().write(key, part.to(torch_dtype(self.slots[key][2].dtype)))
+
+    def write_rows(self, name: str, index: int, tensor: torch.Tensor) -> None:
+        """Row `index` (one expert) of a fused weight, as `write` treats a whole one: quantized with the source's
+        scheme (that row's blocks and scales: MXFP4 scales rows, not experts), cast to `out_dtype`, or, when it
+        equals the source's row `index`, the source's own bytes for that row (keeping all N reproduces it)."""
+        if not self.source.is_quantized(name):
+            super().write_rows(name, index, tensor)
+            return
+        if self.out_dtype is not None:
+            super().write_rows(name, index, tensor.to(self.out_dtype))
+            return
+        parts = self.source.quantized[name]
+        original = self.source.read_as(name, tensor.dtype, tensor.device, index)
+        if original.shape == tensor.shape and torch.equal(original, tensor):
+            raw = self.source.inner.read(parts, index=index)
+            for key in parts:
+                super().write_rows(key, index, raw[key])
+            return
+        for key, part in self.source.fmt.quantize(tensor, name).items():
+            super().write_rows(key, index, part.to(torch_dtype(self.slots[key][2].dtype)))
 
     def write_chunks(self, name: str, chunks: Iterable[bytes]) -> None:
         if not self.source.is_quantized(name):
