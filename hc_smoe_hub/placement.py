@@ -87,6 +87,19 @@ def _budget(device: torch.device, max_memory: MaxMemory | None) -> MaxMemory | N
     return budget
 
 
+def _as_built(directory: Path) -> dict[str, Any]:
+    """`config=` for a source whose model_type transformers lacks (Kimi K2's `kimi_k2`): loaded as the class the
+    family table builds it as, with no remote code; nothing for every other checkpoint."""
+
+    from hc_smoe_hub.architectures import spec_for
+
+    try:
+        spec = spec_for(json.loads((directory / "config.json").read_text()))
+    except (OSError, ValueError, HcSmoeError):
+        return {}
+    return {"config": spec.hf_config(directory)} if spec.load_as else {}
+
+
 def load_for_eval(directory: Path, device: torch.device, max_memory: MaxMemory | None = None,
                   offload_dir: Path | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of the checkpoint in `directory`, placed for evaluation on `device`, in eval mode.
@@ -102,15 +115,16 @@ def load_for_eval(directory: Path, device: torch.device, max_memory: MaxMemory |
     dtype = eval_dtype(directory, device)
     budget = _budget(device, max_memory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    as_built = _as_built(directory)
     if device.type == "cpu" and budget is None:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **as_built)
         return model.eval(), tokenizer
     own_folder = offload_dir is None
     folder = Path(tempfile.mkdtemp(prefix="hc_smoe_offload_")) if own_folder else Path(offload_dir)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map="auto", max_memory=budget,
-                                                     offload_folder=str(folder))
+                                                     offload_folder=str(folder), **as_built)
     except BaseException as exc:
         if own_folder:
             shutil.rmtree(folder, ignore_errors=True)
