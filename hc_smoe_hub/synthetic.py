@@ -80,7 +80,12 @@ MODERN_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt_oss": {"model_type": "gpt_oss", "num_local_experts": 8, "num_experts_per_tok": 2, "experts_per_token": 2,
                 "intermediate_size": 32, "head_dim": 8, "sliding_window": 8, "max_position_embeddings": 4096,
                 "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
-                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}},
+                                    "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128},
+                # openai/gpt-oss-* config.json: rope_scaling and rope_theta as transformers 4 wrote them
+                "hub_fields": {"rope_parameters": None, "rope_theta": 150000.0,
+                               "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 128}}},
     # Families with per-expert keys on disk (tests/test_families_per_expert.py). `mtp_keys` lays out an MTP layer
     # stored under its own prefix, as the Hub checkpoints do: a copy of the last decoder layer under `block`, plus
     # the projection and norms named there.
@@ -156,9 +161,10 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
     elif mtp:
         _add_mtp_layers(directory, family, num_layers, mtp, hidden, seed, dtype, overrides)
     hub_fields = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("hub_fields")
-    if hub_fields:  # config.json as the Hub's checkpoints hold it
+    if hub_fields:  # config.json as the Hub's checkpoints hold it (older field names, which transformers 5 reads)
         cfg_path = directory / "config.json"
-        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **hub_fields}, indent=2))
+        data = {**json.loads(cfg_path.read_text()), **hub_fields}
+        cfg_path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))  # None: removed
     written_as = (MODERN_FAMILY_CONFIGS.get(family) or {}).get("written_as")
     if written_as:  # e.g. Kimi K2: a DeepSeek-V3 whose config names its own model_type and remote code
         cfg_path = directory / "config.json"
