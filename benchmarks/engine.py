@@ -60,7 +60,7 @@ PROFILED = {
     "method: O-prune subset search": "o_prune",
     "method: fix-dom + per-group least squares": "fix_dom_refit",
     "method: joint re-routed refit": "refit_down_rerouted",
-    "method: router rows": "router_rows",
+    "method: router rows": "reduce_router",
 }
 
 CHILD_PROFILE = """

@@ -2,7 +2,7 @@
 
 Pruning methods keep K original experts verbatim (bit-identical) and slice their router rows; their plan's
 `groups` are `[[kept id], ...]` in ascending id order, so they name only the kept experts. Merging methods
-partition all N experts into K groups and merge each group with `methods.merge_groups` (frequency-weighted
+partition all N experts into K groups and merge each group with `layer_plan.merge_groups` (frequency-weighted
 experts, router rows per `opts.router`).
 
 - `f-prune`: the K most frequently routed experts.
@@ -31,10 +31,9 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
-from hc_smoe_hub import methods as _methods
 from hc_smoe_hub import subset_search
 from hc_smoe_hub.clustering import labels_to_groups
-from hc_smoe_hub.methods import LayerContext, LayerPlan, MethodOptions, merge_groups
+from hc_smoe_hub.layer_plan import LayerContext, LayerPlan, MethodOptions, merge_groups
 from hc_smoe_hub.routing import expert_output
 
 log = logging.getLogger(__name__)
@@ -283,8 +282,3 @@ DESCRIPTIONS: dict[str, str] = {
     "outputs (average linkage), each group merged by frequency-weighted averaging",
     "random": "Random groups of experts, each merged by frequency-weighted averaging (a floor for comparison)",
 }
-
-# methods.py imports this module at its end; registering from here rather than there works whichever of the two
-# modules is imported first (a direct `import hc_smoe_hub.baselines` reaches methods.py's end before this line).
-_methods.METHODS.update(METHODS)
-_methods.METHOD_DESCRIPTIONS.update(DESCRIPTIONS)

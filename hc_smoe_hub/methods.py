@@ -8,117 +8,17 @@ streaming and output format.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hc_smoe_hub.baselines import DESCRIPTIONS as BASELINE_DESCRIPTIONS
+from hc_smoe_hub.baselines import METHODS as BASELINE_METHODS
+from hc_smoe_hub.baselines import o_prune
 from hc_smoe_hub.clustering import hierarchical_groups
-from hc_smoe_hub.fastpath import group_fit_tokens, joint_fit_tokens
-from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, reduce_router, router_bias, weighted_merge
-from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
-from hc_smoe_hub.routing import Activation, Experts, Routing, moe_output, route
-from hc_smoe_hub.stats import LayerStats
+from hc_smoe_hub.layer_plan import LayerContext, LayerPlan, MethodOptions, merge_groups
+from hc_smoe_hub.routing import moe_output, route
 
-
-@dataclass(frozen=True)
-class MethodOptions:
-    method: str = "takeover"
-    linkage: str = "average"
-    metric: str = "euclidean"
-    # The defaults are the configuration that measured best on the demo models (benchmarks/RESULTS.md);
-    # the paper's own configuration is method="hc-smoe", merge="freq", one-shot (`hc-smoe-push --paper`).
-    merge: str = "fix-dom-rr"
-    router: str = "fit"
-    paper_frequency: bool = False  # count frequencies over top-2 as the official code does (reproduction only)
-    seed: int = 42
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class LayerContext:
-    """What a method may look at for one MoE layer."""
-
-    layer: int
-    keep: int
-    x: torch.Tensor  # (T, H) the MoE block's input on the calibration tokens (compute dtype)
-    experts: Experts  # source dtype
-    router: torch.Tensor  # (N, H) source dtype
-    routing: Routing
-    act: Activation
-    stats: LayerStats
-    _top_k_indices: torch.Tensor | None = field(default=None, repr=False)
-
-    def routed_tokens(self, group: list[int], limit: int = 16384) -> torch.Tensor:
-        """Calibration tokens whose top-k includes a member of the group (all tokens if none are), a strided
-        sample of at most `limit` of them."""
-        if self._top_k_indices is None:  # one routing pass serves every group
-            self._top_k_indices = route(self.stats.router_logits, self.routing)[1]
-        idx = self._top_k_indices
-        mask = torch.isin(idx, torch.tensor(group, device=idx.device)).any(-1)
-        xs = self.x[mask] if bool(mask.any()) else self.x
-        return xs[:: max(1, -(-xs.shape[0] // limit))]
-
-
-@dataclass
-class LayerPlan:
-    groups: list[list[int]]  # original expert ids behind each new expert, in new-expert order
-    experts: Experts
-    router: torch.Tensor
-    extra: dict = field(default_factory=dict)
-    # (K,) the reduced per-expert selection bias, for families whose router has one (reduced like the rows).
-    bias: torch.Tensor | None = None
-    # (K,) the reduced router bias added to the logits (gpt-oss's router.bias), reduced with the rows.
-    logit_bias: torch.Tensor | None = None
-
-    def routing(self, source: Routing) -> Routing:
-        """The routing of the reduced layer this plan writes."""
-        return source.reduced(self.experts.count, self.bias, self.logit_bias)
-
-
-def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions) -> LayerPlan:
-    """Merge each group into one expert and patch the router, as `opts.merge` and `opts.router` say."""
-    freqs = ctx.stats.frequencies
-    token_sets: list[torch.Tensor] = []
-    inter = ctx.experts.gate.shape[1]  # the token caps per fit grow with it (fastpath.py says why)
-
-    def group_tokens() -> list[torch.Tensor]:  # gathered once, shared by the alignment and the refit
-        if not token_sets:
-            token_sets.extend(ctx.routed_tokens(g, group_fit_tokens(inter)) for g in groups)
-        return token_sets
-
-    base_mode, refit, rerouted = opts.merge, False, False
-    if opts.merge.endswith("-lsq"):
-        base_mode, refit = opts.merge[: -len("-lsq")], True
-    elif opts.merge.endswith("-rr"):  # the group refit first, then the joint re-routed one from there
-        base_mode, refit, rerouted = opts.merge[: -len("-rr")], True, True
-    if base_mode == "freq":
-        experts = weighted_merge(ctx.experts, groups, freqs)
-    elif base_mode == "average":
-        experts = weighted_merge(ctx.experts, groups, None)
-    elif base_mode == "dominant":
-        experts = dominant_merge(ctx.experts, groups, freqs)
-    elif base_mode == "fix-dom" and refit:  # one pass over the members' activations serves both steps
-        experts = fix_dom_refit(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.router, ctx.act,
-                                routing=ctx.routing)
-        refit = False
-    elif base_mode == "fix-dom":
-        experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.act)
-    else:
-        raise ValueError(f"unknown merge mode {opts.merge}")
-    if refit:
-        experts = refit_down(ctx.experts, experts, groups, group_tokens(), ctx.router, ctx.act,
-                             routing=ctx.routing)
-    router, logit_bias = reduce_router(ctx.router, groups, opts.router, freqs, ctx.x, routing=ctx.routing)
-    bias = router_bias(ctx.routing.bias, groups, opts.router, freqs)
-    if rerouted and any(len(g) > 1 for g in groups):  # K = N keeps the layer bit-identical
-        # Rows sampled so that each of the K merged experts sees about joint_fit_tokens (k of K per row).
-        rows = joint_fit_tokens(inter) * len(groups) // min(ctx.routing.top_k, len(groups))
-        experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
-                                      routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows,
-                                      new_logit_bias=logit_bias)
-    return LayerPlan(groups, experts, router, bias=bias, logit_bias=logit_bias)
+__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "LayerContext", "LayerPlan", "MethodOptions", "merge_groups"]
 
 
 def hc_smoe(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
@@ -160,9 +60,7 @@ def anchored_o(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
 
 
 def o_prune_survivors(ctx: LayerContext, opts: MethodOptions) -> list[int]:
-    """The K experts O-prune keeps (baselines imports this module, hence the late import)."""
-    from hc_smoe_hub.baselines import o_prune
-
+    """The K experts O-prune keeps."""
     return [g[0] for g in o_prune(ctx, opts).groups]
 
 
@@ -222,6 +120,7 @@ def best_grouping(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
 
 
 METHODS: dict[str, Callable[[LayerContext, MethodOptions], LayerPlan]] = {
+    **BASELINE_METHODS,
     "hc-smoe": hc_smoe,
     "anchored": anchored,
     "anchored-o": anchored_o,
@@ -230,6 +129,7 @@ METHODS: dict[str, Callable[[LayerContext, MethodOptions], LayerPlan]] = {
 }
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
+    **BASELINE_DESCRIPTIONS,
     "hc-smoe": "HC-SMoE: hierarchical clustering of the experts' mean outputs on calibration text, each cluster "
     "merged into one expert",
     "anchored": "anchored merging (hc-smoe-hub): the experts with the largest router probability mass anchor the "
@@ -242,6 +142,3 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "best-grouping": "per layer, the better (lower routed-output error on calibration tokens after merging) of "
     "HC-SMoE's clusters and anchored-o's groups",
 }
-
-# Baseline methods (f-prune, s-prune, o-prune, reap, m-smoe, diversify, random) register themselves on import.
-from hc_smoe_hub import baselines  # noqa: E402, F401

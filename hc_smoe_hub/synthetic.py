@@ -183,38 +183,18 @@ def build_tiny_moe(directory: Path, family: str = "mixtral", *, num_layers: int 
 
 def quantize_fp8(directory: Path, block: tuple[int, int] = (128, 128)) -> None:
     """Rewrite a saved checkpoint as DeepSeek-V3's FP8 releases are: every 2-D ``*_proj.weight`` (or expert
-    ``w1``/``w2``/``w3``, MiniMax-M2) of the decoder
-    layers (routed and shared experts per expert, attention, dense MLPs) as float8_e4m3fn plus a float32
-    ``weight_scale_inv`` in the same shard; norms, routers, embeddings and the head unchanged; `quantization_config`
-    added to config.json. Dims should be multiples of 128 or below it (transformers' CPU dequantizer mishandles
-    ragged blocks, see hc_smoe_hub/quant)."""
-    from safetensors import safe_open
-
+    ``w1``/``w2``/``w3``, MiniMax-M2) of the decoder layers (routed and shared experts per expert, attention, dense
+    MLPs) as float8_e4m3fn plus a float32 ``weight_scale_inv`` in the same shard; norms, routers, embeddings and the
+    head unchanged; `quantization_config` added to config.json. Dims should be multiples of 128 or below it
+    (transformers' CPU dequantizer mishandles ragged blocks, see hc_smoe_hub/quant)."""
     from hc_smoe_hub.quant import Fp8BlockFormat
 
-    fmt = Fp8BlockFormat(block=block)
-    index_path = directory / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else None
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(shard, "pt") as h:
-            names = h.keys()
-            tensors = {k: h.get_tensor(k) for k in names}
-        out: dict[str, torch.Tensor] = {}
-        for key, value in tensors.items():
-            # *_proj (DeepSeek, GLM) and Mixtral-style w1/w2/w3 experts (MiniMax-M2)
-            quantize = key.startswith("model.layers.") and value.ndim == 2 and \
-                key.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))
-            out.update(fmt.quantize(value, key) if quantize else {key: value})
-        save_file(out, str(shard), metadata={"format": "pt"})
-        if index is not None:
-            index["weight_map"].update({k: shard.name for k in out})
-    if index is not None:
-        index_path.write_text(json.dumps(index, indent=2))
-    cfg_path = directory / "config.json"
-    data = json.loads(cfg_path.read_text())
-    data["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                   "weight_block_size": list(block)}
-    cfg_path.write_text(json.dumps(data, indent=2))
+    def chosen(key: str, value: torch.Tensor) -> bool:
+        return key.startswith("model.layers.") and value.ndim == 2 and \
+            key.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))
+
+    _rewrite_quantized(directory, Fp8BlockFormat(block=block), chosen, {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(block)})
 
 
 def quantize_mxfp4(directory: Path) -> None:
@@ -222,33 +202,38 @@ def quantize_mxfp4(directory: Path) -> None:
     ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj`` as MXFP4 ``_blocks`` and ``_scales`` in the same
     shard; their biases, the routers, attention, norms, embeddings and head unchanged; `quantization_config` (with
     the Hub's ``modules_to_not_convert``) added to config.json."""
-    from safetensors import safe_open
-
     from hc_smoe_hub.quant import Mxfp4Format
 
-    fmt = Mxfp4Format()
+    _rewrite_quantized(directory, Mxfp4Format(),
+                       lambda key, _value: key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
+                       {"quant_method": "mxfp4", "modules_to_not_convert": [
+                           "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                           "lm_head"]})
+
+
+def _rewrite_quantized(directory: Path, fmt: Any, chosen: Any, quantization_config: dict[str, Any]) -> None:
+    """Re-save every shard with the `chosen(key, tensor)` weights in `fmt`'s on-disk tensors, update the index and
+    add `quantization_config` to config.json."""
+    from safetensors import safe_open
+
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(shard, "pt") as h:
-            names = h.keys()
-            tensors = {k: h.get_tensor(k) for k in names}
+            tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (safe_open is not a mapping)
         out: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
-            quantize = key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
-            out.update(fmt.quantize(value, key) if quantize else {key: value})
+            out.update(fmt.quantize(value, key) if chosen(key, value) else {key: value})
         save_file(out, str(shard), metadata={"format": "pt"})
         if index is not None:
-            for key in tensors:
-                if key not in out:
-                    index["weight_map"].pop(key, None)
+            for key in tensors.keys() - out.keys():
+                index["weight_map"].pop(key, None)
             index["weight_map"].update({k: shard.name for k in out})
     if index is not None:
         index_path.write_text(json.dumps(index, indent=2))
     cfg_path = directory / "config.json"
     data = json.loads(cfg_path.read_text())
-    data["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    data["quantization_config"] = quantization_config
     cfg_path.write_text(json.dumps(data, indent=2))
 
 
