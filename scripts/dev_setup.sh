@@ -15,5 +15,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[dev]"
 # transformers 4.57 beside the project's 5.x, for tests/test_older_transformers.py (merged checkpoints must load in
 # the older stacks that serve models): a --target folder used only by that test's subprocess, never on sys.path here.
-.venv/bin/python -m pip install -q --target .venv/transformers-4.57 --upgrade \
+.venv/bin/python -m pip install -q --no-warn-conflicts --target .venv/transformers-4.57 --upgrade \
   "transformers==4.57.*" "huggingface_hub<1.0" "tokenizers<0.23"
