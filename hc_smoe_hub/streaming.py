@@ -30,6 +30,7 @@ from hc_smoe_hub.errors import SourceError
 from hc_smoe_hub.fastpath import activation_dtype
 from hc_smoe_hub.layer_inputs import catch_layer_inputs
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
+from hc_smoe_hub.output_layout import OutputLayout
 from hc_smoe_hub.routing import Experts, moe_output
 from hc_smoe_hub.stats import collect
 
@@ -128,42 +129,12 @@ class StreamingMerger:
         for layer in self.moe_layers:
             self.storage.check(source, spec.experts_base(layer), self.n_experts)
         self.residual_scale = spec.residual_scale(config)
+        self.layout = OutputLayout(spec, source, self.storage, tuple(self.moe_layers), self.num_layers,
+                                   self.n_experts)
 
     # ---------- output plan ----------
     def output_plan(self) -> list[OutputTensor]:
-        keep, storage = self.s.keep, self.storage
-        expert_keys: set[str] = set()
-        expert_shapes: dict[str, tuple[int, ...]] = {}  # the storage's output keys of K experts, with their shapes
-        for layer in self.moe_layers:
-            keys = storage.keys(self.spec.experts_base(layer), self.n_experts)
-            expert_keys.update(keys)
-            expert_shapes.update(storage.output_shapes(self.spec.experts_base(layer), self.n_experts, keep,
-                                                       {k: self.src.tensors[k].shape for k in keys}))
-        dropped = expert_keys - set(expert_shapes)
-        routers = {self.spec.router_key(layer) for layer in self.moe_layers}
-        routers |= {self.spec.logit_bias_key(layer) for layer in self.moe_layers if self.spec.logit_bias_key(layer)}
-        biases = {self.spec.bias_key(layer) for layer in self.moe_layers if self.spec.bias_key(layer)}
-        plan = []
-        for key in self._ordered_keys():
-            if key in dropped or self._extra(key):  # extra (MTP) layers: dropped
-                continue
-            info = self.src.tensors[key]
-            shape = expert_shapes.get(key, info.shape)
-            if key in biases:  # the expert axis is the last: ERNIE stores its bias as (1, N)
-                shape = (*info.shape[:-1], keep)
-            elif key in routers:
-                shape = (keep, *info.shape[1:])
-            plan.append(OutputTensor(key, info.dtype, shape))
-        return plan
-
-    def _ordered_keys(self) -> list[str]:
-        def order(key: str) -> tuple[int, int, str]:
-            layer = self._layer_of(key)
-            if layer is not None:
-                return (1, layer, key)
-            return (0 if "embed" in key else 2, 0, key)
-
-        return sorted(self.src.keys(), key=order)
+        return self.layout.plan(self.s.keep)
 
     # ---------- run ----------
     def run(self, blocks: torch.Tensor, writer: ShardedWriter,
@@ -179,11 +150,11 @@ class StreamingMerger:
         """
         release_freed_memory()
         dev = self.s.device
-        for key in self._ordered_keys():
-            if not key.startswith(self.spec.layers_prefix) and not self._extra(key):
+        for key in self.layout.ordered_keys():
+            if not key.startswith(self.spec.layers_prefix) and not self.layout.is_extra(key):
                 writer.write_chunks(key, self.src.copy_raw(key))
-        writer.mark_written(k for k in writer.slots if self._layer_of(k) is not None
-                            and self._layer_of(k) < start_layer)
+        writer.mark_written(k for k in writer.slots if self.layout.layer_of(k) is not None
+                            and self.layout.layer_of(k) < start_layer)
         model = self.model
         rotary = model.get_submodule(self.spec.rotary_module.rpartition(".")[0])
         rotary = getattr(rotary, self.spec.rotary_module.rpartition(".")[2], None)
@@ -215,16 +186,6 @@ class StreamingMerger:
                 writer.sync()
                 on_finished(layer_idx + 1, records, hidden)
         return records
-
-    def _extra(self, key: str) -> bool:
-        """Whether a key belongs to the extra (MTP) layers, which are dropped."""
-        layer = self._layer_of(key)
-        return (layer is not None and layer >= self.num_layers) or self.spec.extra_layers.holds(key)
-
-    def _layer_of(self, key: str) -> int | None:
-        """The decoder layer an on-disk key belongs to, or None for embeddings, final norm and head."""
-        prefix = self.spec.layers_prefix
-        return int(key[len(prefix):].split(".", 1)[0]) if key.startswith(prefix) else None
 
     def _embed(self, model: nn.Module, blocks: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
         """Embed the calibration batches and catch every decoder layer's keyword arguments, per batch.
