@@ -176,27 +176,6 @@ def _standardize(a: torch.Tensor) -> torch.Tensor:
     return a.sub_(a.mean(0)).div_(std)
 
 
-def router_rows(
-    router: torch.Tensor,
-    groups: list[list[int]],
-    strategy: str,
-    freqs: torch.Tensor,
-    x: torch.Tensor | None = None,
-    fit_steps: int = 30,
-    max_fit_tokens: int = 4096,
-    routing: Routing | None = None,
-) -> torch.Tensor:
-    """K router rows for K groups.
-
-    `dominant`: the most-used member's row. `mean`: frequency-weighted mean of member rows. `fit`: rows fitted on
-    the calibration tokens so that softmax over the K new logits matches the summed probability of each group's
-    members under the original router (the paper's N-row semantics), by minimizing the cross-entropy, a convex
-    problem, with L-BFGS from the `mean` rows. With sigmoid scores (`routing.scoring`), each new row's sigmoid is
-    fitted to its group's summed member score, capped at 1, by binary cross-entropy (also convex).
-    """
-    return reduce_router(router, groups, strategy, freqs, x, fit_steps, max_fit_tokens, routing)[0]
-
-
 def reduce_router(
     router: torch.Tensor,
     groups: list[list[int]],
@@ -207,10 +186,16 @@ def reduce_router(
     max_fit_tokens: int = 4096,
     routing: Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """K router rows for K groups (`router_rows`) and, when `routing` has a router bias added to the logits
-    (gpt-oss's `router.bias`), its K entries reduced by the same rule: the most-used member's entry (`dominant`),
-    the frequency-weighted mean (`mean`; a singleton keeps its own), or fitted together with the rows (`fit`: the
-    bias is the weight of a constant input feature, so the same convex problem fits both)."""
+    """K router rows for K groups and, when `routing` has a router bias added to the logits (gpt-oss's
+    `router.bias`), its K entries reduced by the same rule (else None).
+
+    `dominant`: the most-used member's row (and bias entry). `mean`: frequency-weighted mean of member rows (a
+    singleton keeps its own). `fit`: rows fitted on the calibration tokens so that softmax over the K new logits
+    matches the summed probability of each group's members under the original router (the paper's N-row semantics),
+    by minimizing the cross-entropy, a convex problem, with L-BFGS from the `mean` rows; the bias is the weight of a
+    constant input feature, so the same problem fits both. With sigmoid scores (`routing.scoring`), each new row's
+    sigmoid is fitted to its group's summed member score, capped at 1, by binary cross-entropy (also convex).
+    """
     logit_bias = None if routing is None else routing.logit_bias
     if strategy == "dominant":
         ids = [most_used(g, freqs) for g in groups]

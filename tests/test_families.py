@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from router_probe import router_io
 from test_refusals import refuse
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -105,24 +106,6 @@ def test_keeping_every_expert_reproduces_the_source(name, family_models, merge_a
         assert arch["written_as"] == "deepseek_v3" and "written as `deepseek_v3`" in card
 
 
-def _router_io(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(router input, chosen indices, weights) of one MoE layer's router module on `ids`."""
-    gate = model.model.layers[layer].mlp.gate
-    seen = {}
-
-    def hook(_m, args, output):
-        seen["x"] = args[0].reshape(-1, args[0].shape[-1])
-        seen["w"], seen["i"] = output[1], output[2]
-
-    handle = gate.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    return seen["x"], seen["i"], seen["w"]
-
-
 def _sorted_choice(idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = idx.argsort(dim=-1)
     return idx.gather(-1, order), w.gather(-1, order)
@@ -167,7 +150,7 @@ def test_reduced_checkpoint_loads_and_routes_as_planned(name, paper, family_mode
                 expected = old[c[0]] if len(c) == 1 else (w * old[c].double()).sum()
                 assert abs(float(bias[k]) - float(expected)) < 1e-4, (k, c)
         # The stock router of the reduced model chooses exactly what route() says for the written tensors.
-        x, idx, w = _router_io(model, li, ids)
+        x, idx, w = router_io(model, li, "mlp.gate", ids)
         ours_w, ours_i = route(x.float() @ router.float().T, spec.routing(config, bias))
         got_i, got_w = _sorted_choice(idx, w)
         exp_i, exp_w = _sorted_choice(ours_i, ours_w)
@@ -188,8 +171,8 @@ def test_pruned_model_routes_to_the_kept_experts(name, family_models, merge_args
     assert all(len(c) == 1 for c in first["clusters"])
     ids = calibration_ids(src, calib_file)
     source = load(stock_source(src, tmp_path))[0]
-    x_src, src_idx, _ = _router_io(source, first["layer"], ids)
-    x_red, red_idx, red_w = _router_io(load(out)[0], first["layer"], ids)
+    x_src, src_idx, _ = router_io(source, first["layer"], "mlp.gate", ids)
+    x_red, red_idx, red_w = router_io(load(out)[0], first["layer"], "mlp.gate", ids)
     assert torch.equal(x_src, x_red)
     config = json.loads((src / "config.json").read_text())
     spec = spec_for(config)

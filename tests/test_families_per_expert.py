@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from router_probe import router_io
 from test_families import IDS, _sorted_choice, calibration_ids, load, run_cli
 from test_refusals import refuse
 from transformers import AutoConfig
@@ -76,24 +77,6 @@ def test_keeping_every_expert_reproduces_the_source(name, family_models, merge_a
         assert "mtp_layers" not in arch
 
 
-def _router_io(model, layer: int, path: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(router input, chosen indices, weights) of one MoE layer's router module on `ids`."""
-    router = model.model.layers[layer].get_submodule(path)
-    seen = {}
-
-    def hook(_m, args, output):
-        seen["x"] = args[0].reshape(-1, args[0].shape[-1])
-        seen["w"], seen["i"] = output[1], output[2]
-
-    handle = router.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    return seen["x"], seen["i"], seen["w"]
-
-
 PLANNED = [(name, paper) for name in sorted(CASES) for paper in (False, True)]
 
 
@@ -140,7 +123,7 @@ def test_reduced_checkpoint_loads_and_routes_as_planned(name, paper, family_mode
                 expected = old[c[0]] if len(c) == 1 else (w * old[c].double()).sum()
                 assert abs(float(bias[k]) - float(expected)) < 1e-4, (k, c)
         # The stock router of the reduced model chooses exactly what route() says for the written tensors.
-        x, idx, w = _router_io(model, li, router_path, ids)
+        x, idx, w = router_io(model, li, router_path, ids)
         ours_w, ours_i = route(x.float() @ router.float().T, spec.routing(config, bias))
         got_i, got_w = _sorted_choice(idx, w)
         exp_i, exp_w = _sorted_choice(ours_i, ours_w)

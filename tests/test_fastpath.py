@@ -14,7 +14,7 @@ from hc_smoe_hub.fastpath import (
     joint_fit_tokens,
     project_fp32,
 )
-from hc_smoe_hub.merging import fix_dom_merge, router_rows
+from hc_smoe_hub.merging import fix_dom_merge, reduce_router
 from hc_smoe_hub.methods import LayerContext
 from hc_smoe_hub.refit import refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Experts, Routing, moe_output
@@ -103,7 +103,7 @@ def test_rerouted_refit_of_a_bf16_layer_lowers_its_error_and_matches_the_fp32_fi
     routing = Routing(top_k=2, renormalize=True)
     groups, freqs = [[0, 3], [1, 4], [2, 5]], torch.full((6,), 1 / 6)
     base = refit_down(ex, fix_dom_merge(ex, groups, torch.zeros(6, 8), [x] * 3, ACT), groups, [x] * 3, router, ACT)
-    new_router = router_rows(router, groups, "fit", freqs, x)
+    new_router = reduce_router(router, groups, "fit", freqs, x)[0]
     ref = moe_output(x, ex, router, routing, ACT)
 
     def err(e: Experts) -> float:

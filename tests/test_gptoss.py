@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from router_probe import router_io
 from test_families import IDS, _sorted_choice, calibration_ids, run_cli
 from test_resume import assert_identical, count_method_calls, crash_after_layer
 from test_resume import request as resume_request
@@ -69,22 +70,6 @@ def test_keeping_every_expert_reproduces_the_source(kind, gpt_oss_models, merge_
     assert all(b"".join(a.copy_raw(k)) == b"".join(b.copy_raw(k)) for k in a.tensors)
 
 
-def _router_io(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(router input, chosen indices, weights) of one layer's GptOssTopKRouter on `ids`."""
-    seen = {}
-
-    def hook(_m, args, output):
-        seen["x"], seen["w"], seen["i"] = args[0], output[1], output[2]
-
-    handle = model.model.layers[layer].mlp.router.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    return seen["x"], seen["i"], seen["w"]
-
-
 PLANNED = [("bf16", []), ("bf16", ["--paper"]), ("mxfp4", []), ("mxfp4", ["--dtype", "bfloat16"])]
 
 
@@ -124,7 +109,7 @@ def test_reduced_checkpoint_stays_fused_loads_and_routes_as_planned(kind, extra,
         assert bias_key is not None
         got = b.read([router_key, bias_key])
         # The stock router of the reduced model chooses exactly what route() says for the written router and bias.
-        x, idx, w = _router_io(model, li, ids)
+        x, idx, w = router_io(model, li, "mlp.router", ids)
         routing = spec.routing(config, logit_bias=got[bias_key].float())
         ours_w, ours_i = route(x.float() @ got[router_key].float().T, routing)
         got_i, got_w = _sorted_choice(idx, w)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from router_probe import router_io
 from test_families import IDS, _sorted_choice, calibration_ids, run_cli
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -55,23 +56,6 @@ def test_keeping_every_expert_reproduces_the_source(family, granite_models, merg
     assert all(b"".join(a.copy_raw(k)) == b"".join(b.copy_raw(k)) for k in a.tensors)
 
 
-def _router_io(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(router input, chosen indices, weights) of one layer's GraniteMoe*TopKRouter on `ids`."""
-    router = model.model.layers[layer].block_sparse_moe.router
-    seen = {}
-
-    def hook(_m, args, output):
-        seen["x"], seen["w"], seen["i"] = args[0], output[1], output[2]
-
-    handle = router.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    return seen["x"], seen["i"], seen["w"]
-
-
 PLANNED = [(f, False) for f in FAMILIES] + [(f, True) for f in FAMILIES]
 
 
@@ -104,7 +88,7 @@ def test_reduced_checkpoint_stays_fused_loads_and_routes_as_planned(family, pape
         assert len(clusters) == KEEP and sorted(i for c in clusters for i in c) == list(range(8))
         weight = b.read([spec.router_key(li)])[spec.router_key(li)]
         # The stock router of the reduced model chooses exactly what route() says for the written router.
-        x, idx, w = _router_io(model, li, ids)
+        x, idx, w = router_io(model, li, "block_sparse_moe.router", ids)
         ours_w, ours_i = route(x.float() @ weight.float().T, spec.routing(config))
         got_i, got_w = _sorted_choice(idx, w)
         exp_i, exp_w = _sorted_choice(ours_i, ours_w)

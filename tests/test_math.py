@@ -11,7 +11,7 @@ from safetensors import safe_open
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint, parse_size
 from hc_smoe_hub.clustering import hierarchical_groups
 from hc_smoe_hub.merge import parse_keep
-from hc_smoe_hub.merging import fix_dom_merge, router_rows, weighted_merge
+from hc_smoe_hub.merging import fix_dom_merge, reduce_router, weighted_merge
 from hc_smoe_hub.routing import Experts, Routing, moe_output
 from hc_smoe_hub.stats import collect
 
@@ -106,10 +106,10 @@ def test_fitted_router_matches_grouped_probabilities_best():
     def xent(rows):
         return float(-(target * torch.log_softmax(x @ rows.T, -1)).sum(-1).mean())
 
-    fitted = router_rows(router, groups, "fit", freqs, x)
-    assert xent(fitted) < xent(router_rows(router, groups, "mean", freqs)) - 0.01
-    assert xent(fitted) < xent(router_rows(router, groups, "dominant", freqs))
-    assert torch.equal(router_rows(router, [[i] for i in range(6)], "fit", freqs, x), router)
+    fitted = reduce_router(router, groups, "fit", freqs, x)[0]
+    assert xent(fitted) < xent(reduce_router(router, groups, "mean", freqs)[0]) - 0.01
+    assert xent(fitted) < xent(reduce_router(router, groups, "dominant", freqs)[0])
+    assert torch.equal(reduce_router(router, [[i] for i in range(6)], "fit", freqs, x)[0], router)
 
 
 def test_stats_use_the_real_top_k_unless_the_paper_switch_is_on():
@@ -240,7 +240,7 @@ def test_rerouted_refit_lowers_the_routed_output_error_from_its_start(renormaliz
     routing = Routing(2, renormalize)
     groups, freqs = [[0, 3], [1, 4], [2, 5]], torch.full((6,), 1 / 6)
     base = refit_down(ex, fix_dom_merge(ex, groups, torch.zeros(6, 8), [x] * 3, ACT), groups, [x] * 3, router, ACT)
-    new_router = router_rows(router, groups, "fit", freqs, x)
+    new_router = reduce_router(router, groups, "fit", freqs, x)[0]
     reduced = Routing(2, renormalize)  # min(top_k, K)
     ref = moe_output(x, ex, router, routing, ACT)
 
@@ -307,7 +307,7 @@ def test_rerouted_refit_equals_the_plain_block_coordinate_solution(tokens):
     router, x = torch.randn(6, 8, generator=g), torch.randn(tokens, 8, generator=g)
     groups = [[0, 3], [1, 4], [2, 5]]
     base = weighted_merge(ex, groups, None)
-    new_router = router_rows(router, groups, "mean", torch.full((6,), 1 / 6))
+    new_router = reduce_router(router, groups, "mean", torch.full((6,), 1 / 6))[0]
     routing = Routing(2, True)
     fitted = refit_down_rerouted(ex, base, router, new_router, x, routing, ACT, sweeps=2)
     expected = _reference_rerouted_refit(ex, base, router, new_router, x, routing, sweeps=2)
