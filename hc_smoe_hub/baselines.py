@@ -33,6 +33,7 @@ from scipy.spatial.distance import squareform
 
 from hc_smoe_hub import subset_search
 from hc_smoe_hub.clustering import labels_to_groups
+from hc_smoe_hub.fastpath import hidden_fp32, product_dtype, project_fp32
 from hc_smoe_hub.layer_plan import LayerContext, LayerPlan, MethodOptions, merge_groups
 from hc_smoe_hub.routing import expert_output
 
@@ -73,8 +74,14 @@ def _sample_rows(ctx: LayerContext, limit: int) -> torch.Tensor:
 
 
 def _output(ctx: LayerContext, xs: torch.Tensor, i: int) -> torch.Tensor:
-    """E_i(xs) in fp32, computed in xs's dtype like the statistics are (weights cast one expert at a time)."""
-    return expert_output(xs, ctx.experts, i, ctx.act).float()
+    """E_i(xs) in fp32, with its products in the dtype the statistics pass uses (`stats.collect`): the fast path
+    (bf16 for a bf16 source on fast hardware, `fastpath.py`) for fp32 xs, else xs's dtype."""
+    ex = ctx.experts
+    dt = product_dtype(ex.gate.dtype, xs)
+    if dt == xs.dtype:
+        return expert_output(xs, ex, i, ctx.act).float()
+    return project_fp32(hidden_fp32(xs, ex.gate[i], ex.up[i], ctx.act, dt, *ex.in_bias(i)), ex.down[i], dt,
+                        ex.out_bias(i))
 
 
 def _merge(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions, extra: dict | None = None) -> LayerPlan:

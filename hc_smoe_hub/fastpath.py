@@ -11,11 +11,14 @@ experts over their tokens. Two rules keep that near one statistics pass (benchma
   there. At Mixtral-8x7B's I = 14336 neither binds at the default calibration (65,536 tokens).
 - A bf16 source is evaluated with bf16 matmuls (inputs rounded to bf16; the activation function and everything
   after it in fp32) where the hardware has fast bf16 kernels (CUDA; CPUs with AVX512-BF16 or AMX): that is what
-  the bf16 model computes when it runs, and 4x faster than fp32 on this project's CPU. It serves the fix-dom
-  alignment, the refits' design rows and their products with residuals, and the merged block's output that
-  sequential calibration carries to the next layer. Normal equations, Cholesky factors and residuals stay fp32, and
-  so do the statistics pass (the clustering features) and the recorded per-layer error. On the demo models the
-  quality table moved by at most 0.003 nats with it (benchmarks/RESULTS.md).
+  the bf16 model computes when it runs, and about 3x faster than fp32 on this project's CPU. It serves the
+  statistics pass (every expert over every calibration token: the clustering features, the routed output the
+  refits fit to), O-prune's expert outputs, the fix-dom alignment, the refits' design rows and their products with
+  residuals, the merged block's output that sequential calibration carries to the next layer, and the recorded
+  per-layer error (merged and original block both computed this way). Sums, normal equations, Cholesky factors
+  and residuals stay fp32. On the demo models the quality table moved by at most 0.003 nats with the refits' fast
+  path; with the statistics pass and O-prune's outputs added, the default moved by at most 0.003 nats more, the
+  paper's configuration and the pruning baselines by at most 0.0004 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def activation_dtype(weight_dtype: torch.dtype, device: torch.device | str) -> t
     return torch.bfloat16 if torch.device(device).type == "cpu" and _cpu_has_fast_bf16() else torch.float32
 
 
+def product_dtype(weight_dtype: torch.dtype, x: torch.Tensor) -> torch.dtype:
+    """The dtype an expert's products run in on inputs x: the fast path (`activation_dtype`) for fp32 x, else x's
+    own dtype (a caller that chose fp64, say)."""
+    return activation_dtype(weight_dtype, x.device) if x.dtype == torch.float32 else x.dtype
+
+
 def hidden_fp32(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Activation,
                 dtype: torch.dtype = torch.float32, gate_bias: torch.Tensor | None = None,
                 up_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,9 +75,12 @@ def hidden_fp32(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Acti
         g, u = x.float() @ gate.float().T, x.float() @ up.float().T
     else:
         xd = x.to(dtype)
-        g, u = (xd @ gate.to(dtype).T).float(), (xd @ up.to(dtype).T).float()
+        g, u = (xd @ gate.to(dtype).T).float(), xd @ up.to(dtype).T
     if gate_bias is not None and up_bias is not None:
-        g, u = g.add_(gate_bias.float()), u.add_(up_bias.float())
+        g, u = g.add_(gate_bias.float()), u.float().add_(up_bias.float())
+    u = u.float()  # converted first: an fp32 tensor multiplied in place by a bf16 one is several times slower
+    if act is torch.nn.functional.silu:
+        return torch.nn.functional.silu(g, inplace=True).mul_(u)
     return gated(act, g, u)
 
 

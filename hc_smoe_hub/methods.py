@@ -15,6 +15,7 @@ from hc_smoe_hub.baselines import DESCRIPTIONS as BASELINE_DESCRIPTIONS
 from hc_smoe_hub.baselines import METHODS as BASELINE_METHODS
 from hc_smoe_hub.baselines import o_prune
 from hc_smoe_hub.clustering import hierarchical_groups
+from hc_smoe_hub.fastpath import product_dtype
 from hc_smoe_hub.layer_plan import LayerContext, LayerPlan, MethodOptions, merge_groups
 from hc_smoe_hub.routing import moe_output, route
 
@@ -70,7 +71,9 @@ def plan_error(ctx: LayerContext, plan: LayerPlan) -> float:
     if rows is None or ref is None:
         raise ValueError("the statistics were collected without a token sample")
     xs = ctx.x[rows]
-    out = moe_output(xs, plan.experts, plan.router, plan.routing(ctx.routing), ctx.act)
+    fast = product_dtype(plan.experts.gate.dtype, xs)  # as the statistics pass computed the reference
+    out = moe_output(xs, plan.experts, plan.router, plan.routing(ctx.routing), ctx.act,
+                     None if fast == xs.dtype else fast)
     return float((out - ref).norm() / ref.norm().clamp(min=1e-12))
 
 

@@ -11,9 +11,7 @@ experts (sequential calibration), and freed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,7 +25,8 @@ from transformers import AutoModelForCausalLM
 from hc_smoe_hub.architectures import ArchSpec
 from hc_smoe_hub.checkpoint import OutputTensor, ShardedWriter, SourceCheckpoint
 from hc_smoe_hub.errors import SourceError
-from hc_smoe_hub.fastpath import activation_dtype
+from hc_smoe_hub.fastpath import product_dtype
+from hc_smoe_hub.host_memory import release_freed_memory, reusable_heap
 from hc_smoe_hub.layer_inputs import catch_layer_inputs
 from hc_smoe_hub.methods import METHODS, LayerContext, LayerPlan, MethodOptions
 from hc_smoe_hub.output_layout import OutputLayout
@@ -61,18 +60,6 @@ class LayerRecord:
     output_rel_error: float
     seconds: float
     extra: dict = field(default_factory=dict)
-
-
-def release_freed_memory() -> None:
-    """Make glibc hand every large freed buffer back to the OS.
-
-    By default glibc raises its mmap threshold after large frees, so later layer-sized buffers come from the heap
-    and stay resident after they are freed: peak memory then grows with depth. A fixed 1 MiB threshold keeps the
-    process at about one layer.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # musl or another libc: nothing to tune
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 is M_MMAP_THRESHOLD
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -334,17 +321,20 @@ class StreamingMerger:
         # The experts stay in the source dtype; every consumer converts one expert at a time to x's dtype.
         stats = collect(x, experts, router, routing, self.act, freq_top_k, sample_rows=sample)
         ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, routing, self.act, stats)
-        plan = METHODS[self.s.options.method](ctx, self.s.options)
+        with reusable_heap():  # the refits' temporaries reused, not page-faulted afresh (host_memory.py)
+            plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
         del ctx, experts  # the source experts are not needed any more: free them before the layer is finished
         reduced = plan.routing(routing)
         merged_router = plan.router.to(router.dtype)
         # Sequential calibration carries the merged block's routed output on every token, computed on the fast path
-        # (bf16 products for a bf16 source, as the bf16 model computes it); the recorded error is fp32, on the sample.
+        # (bf16 products for a bf16 source, as the bf16 model computes it), as the statistics pass computed the
+        # original's; the recorded error compares the two on the sample, with fp32 sums.
+        fast = product_dtype(plan.experts.gate.dtype, x)
+        fast_or_x = None if fast == x.dtype else fast
         if self.s.sequential:
-            fast = activation_dtype(plan.experts.gate.dtype, x.device)
-            merged_routed = moe_output(x, plan.experts, merged_router, reduced, self.act, fast)
-        got = moe_output(x[sample], plan.experts, merged_router, reduced, self.act)
+            merged_routed = moe_output(x, plan.experts, merged_router, reduced, self.act, fast_or_x)
+        got = moe_output(x[sample], plan.experts, merged_router, reduced, self.act, fast_or_x)
         ref = stats.sampled_output
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
 

@@ -16,9 +16,9 @@ from hc_smoe_hub.fastpath import (
 )
 from hc_smoe_hub.merging import fix_dom_merge, reduce_router
 from hc_smoe_hub.methods import LayerContext
-from hc_smoe_hub.refit import refit_down, refit_down_rerouted
+from hc_smoe_hub.refit import lower_gram, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Experts, Routing, moe_output
-from hc_smoe_hub.stats import collect
+from hc_smoe_hub.stats import _fast_hidden, collect
 
 ACT = torch.nn.functional.silu
 
@@ -116,3 +116,44 @@ def test_rerouted_refit_of_a_bf16_layer_lowers_its_error_and_matches_the_fp32_fi
     assert err(fitted) < err(base) - 1e-3
     # The bf16 products move the solution by about bf16 rounding, no more.
     assert abs(err(fitted) - err(exact)) < 0.1 * (err(base) - err(exact))
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 96])  # fewer columns than blocks, uneven blocks, even blocks
+def test_lower_gram_is_the_lower_triangle_of_the_full_product(n):
+    a = torch.randn(300, n, generator=torch.Generator().manual_seed(n))
+    got, full = lower_gram(a), a.T @ a
+    assert torch.allclose(torch.tril(got), torch.tril(full), rtol=1e-5, atol=1e-4)
+    shifted = full.clone()
+    shifted.diagonal().add_(1.0)
+    lower = got.clone()
+    lower.diagonal().add_(1.0)
+    # Cholesky reads only the lower triangle: whatever the unset upper one holds, the factor is the full one's.
+    assert torch.allclose(torch.linalg.cholesky(lower), torch.linalg.cholesky(shifted), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [torch.nn.functional.silu, torch.nn.functional.gelu])
+@pytest.mark.parametrize("biased", [False, True])
+def test_statistics_pass_activations_into_buffers_equal_hidden_fp32(act, biased):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 32, generator=g).bfloat16()
+    gate, up = torch.randn(48, 32, generator=g).bfloat16(), torch.randn(48, 32, generator=g).bfloat16()
+    biases = (torch.randn(48, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()) if biased else ()
+    buffers = (torch.full((1024, 48), float("nan")), torch.full((1024, 48), float("nan"), dtype=torch.bfloat16))
+    got = _fast_hidden(x, gate, up, act, buffers, *biases, rows=256)  # 700 rows: a ragged last row block
+    assert got.dtype == torch.float32 and got.shape == (700, 48)
+    assert torch.equal(got, hidden_fp32(x, gate, up, act, torch.bfloat16, *biases))
+
+
+def test_statistics_pass_of_a_bf16_layer_runs_on_the_fast_path():
+    ex, router, x = _bf16_layer()
+    routing = Routing(top_k=2, renormalize=True)
+    dt = activation_dtype(ex.gate.dtype, x.device)  # bf16 where the CPU has fast bf16 matmuls, else fp32
+    stats = collect(x, ex, router, routing, ACT, chunk=1000)
+    # The mean output: the (linear) down projection, in fp32, of the mean activation.
+    expected = torch.stack([ex.down[i].float() @ hidden_fp32(x, ex.gate[i], ex.up[i], ACT, dt).mean(0)
+                            for i in range(ex.count)])
+    assert torch.allclose(stats.features, expected, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(stats.routed_output, moe_output(x, ex, router, routing, ACT, dt), rtol=1e-3, atol=1e-4)
+    # Within bf16 rounding of the fp32 computation either way.
+    ref = moe_output(x, ex, router, routing, ACT)
+    assert float((stats.routed_output - ref).norm() / ref.norm()) < 1e-2

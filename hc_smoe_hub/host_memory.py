@@ -1,0 +1,76 @@
+"""How the engine tunes the process's native allocators: glibc's malloc thresholds and oneDNN's primitive cache.
+
+Measured on the engine benchmark (benchmarks/RESULTS.md, engine section), three settings matter:
+
+- Between layers, every large freed buffer goes back to the OS (`release_freed_memory`): by default glibc raises
+  its mmap threshold after large frees, so later layer-sized buffers come from the heap and stay resident after
+  they are freed, and peak memory grows with depth.
+- Inside a method (`reusable_heap`), the refits allocate and free many same-sized (T, I) temporaries. As fresh
+  mmaps each one pays its page faults again (about 11 ms per 32 MiB on the project's CPU, as long as a bf16
+  matmul of it), which made up about a quarter of a default merge there. While a method runs, blocks under
+  `METHOD_MMAP_THRESHOLD` come from the heap and are reused; afterwards the 1 MiB threshold is restored and the
+  freed heap is trimmed, so the layer's memory is handed back before the next layer (the growth with depth
+  stayed as before). Larger temporaries (real layer shapes) are mmaps either way, where their page faults weigh
+  little against their matmuls.
+- oneDNN (the CPU's bf16 matmuls) caches up to 1024 compiled primitives, one per distinct shape; the refits'
+  token counts differ per group and layer, so that cache grew with depth. `ONEDNN_PRIMITIVE_CACHE_CAPACITY` is
+  read once, when oneDNN first runs, so the package sets its default (`PRIMITIVE_CACHE_CAPACITY`) at import,
+  unless the user has set it.
+
+glibc only (Linux); elsewhere these are no-ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+LAYER_MMAP_THRESHOLD = 1 << 20
+DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's own default
+METHOD_MMAP_THRESHOLD = 64 << 20
+PRIMITIVE_CACHE_CAPACITY = "32"
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018  (musl or another libc has no mallopt: nothing to tune)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def bound_primitive_cache() -> None:
+    """Default oneDNN's primitive cache to `PRIMITIVE_CACHE_CAPACITY` entries (the user's setting wins)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
+
+
+def release_freed_memory() -> None:
+    """Make glibc hand every freed buffer of 1 MiB or more back to the OS."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, LAYER_MMAP_THRESHOLD)
+
+
+@contextlib.contextmanager
+def reusable_heap() -> Iterator[None]:
+    """Within the block, buffers under `METHOD_MMAP_THRESHOLD` are reused from the heap; on exit the 1 MiB
+    threshold is back and the freed heap is returned to the OS."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, METHOD_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 40)  # no trimming of the heap's top while the method churns
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, LAYER_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
