@@ -12,16 +12,45 @@ import torch
 from hc_smoe_hub import host_memory
 
 
-def _cache_capacity_after_import(env: dict[str, str]) -> str:
-    code = "import os, hc_smoe_hub; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+def _capacities_after_import(env: dict[str, str]) -> list[str]:
+    code = "import os, hc_smoe_hub; print(*(os.environ[n] for n in hc_smoe_hub.host_memory.PRIMITIVE_CACHES))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return out.stdout.split()
 
 
-def test_importing_the_package_bounds_onednn_cache_unless_the_user_chose():
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    assert _cache_capacity_after_import(env) == host_memory.PRIMITIVE_CACHE_CAPACITY
-    assert _cache_capacity_after_import({**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"}) == "7"
+def test_importing_the_package_bounds_the_primitive_caches_unless_the_user_chose():
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.PRIMITIVE_CACHES}
+    bound = host_memory.PRIMITIVE_CACHE_CAPACITY
+    assert _capacities_after_import(env) == [bound, bound]
+    assert _capacities_after_import({**env, "LRU_CACHE_CAPACITY": "7"}) == [bound, "7"]
+
+
+def _bf16_matmuls_growth(env: dict[str, str]) -> float:
+    """MiB of resident memory added by bf16 matmuls of 150 distinct shapes, after importing the package."""
+    code = """
+import ctypes, hc_smoe_hub, torch
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # small buffers are mmaps: only the caches stay resident
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(256, 128).bfloat16()
+x = torch.randn(1400, 128).bfloat16()
+start = rss()
+for m in range(1000, 1300, 2):
+    x[:m] @ w.T
+print(rss() - start)
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(host_memory._libc() is None or not torch.backends.mkldnn.is_available()
+                    or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="the caches belong to oneDNN's bf16 matmuls: a CPU without them never fills them")
+def test_bounded_caches_keep_distinct_matmul_shapes_from_piling_up():
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.PRIMITIVE_CACHES}
+    unbounded = _bf16_matmuls_growth({**env, **dict.fromkeys(host_memory.PRIMITIVE_CACHES, "1024")})
+    bounded = _bf16_matmuls_growth(env)
+    assert bounded < unbounded / 2
 
 
 def _rss() -> int:
