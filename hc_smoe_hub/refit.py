@@ -104,10 +104,21 @@ def _with_downs(base: Experts, downs: list[torch.Tensor]) -> Experts:
     """`base` with its down projections replaced; each of `downs` is (H, I), or (H, I + 1) with the down bias last
     when the experts have biases."""
     if not base.has_bias:
-        return Experts(base.gate, base.up, torch.stack(downs))
+        return Experts(base.gate, base.up, _stacked(downs))
     inter = base.gate.shape[1]
-    return Experts(base.gate, base.up, torch.stack([d[:, :inter] for d in downs]), base.gate_bias, base.up_bias,
-                   torch.stack([d[:, inter] for d in downs]))
+    return Experts(base.gate, base.up, _stacked([d[:, :inter] for d in downs]), base.gate_bias, base.up_bias,
+                   _stacked([d[:, inter] for d in downs]))
+
+
+def _stacked(rows: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack that lets go of each row once it is copied (the list is emptied): the layer's down
+    projections are never held twice."""
+    out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, device=rows[0].device)
+    for k in range(len(rows)):
+        out[k] = rows[k]
+        rows[k] = out[k]  # the row's own storage is freed when no one else holds it
+    rows.clear()
+    return out
 
 
 def _down_of(experts: Experts, k: int) -> torch.Tensor:
@@ -157,8 +168,8 @@ def fix_dom_refit(
     only one group's fp32 expert and target are alive at a time.
     """
     dtype = experts.gate.dtype
-    done: list[tuple[torch.Tensor, ...]] = []
-    for g, x in zip(groups, x_per_group, strict=True):
+    out: list[torch.Tensor] = []  # the K merged experts, each written into its row as soon as it is done
+    for k, (g, x) in enumerate(zip(groups, x_per_group, strict=True)):
         xf = x.float()
         fit = len(g) > 1 and x.shape[0] > 0
         share, mass = group_weights(xf, router, g, routing) if fit else (None, None)
@@ -170,9 +181,18 @@ def fix_dom_refit(
             down = _solve_group(gate, up, xf, target, mass, act, ridge, *biases[:2], with_bias=bool(biases))
             if biases:
                 down, biases = down[:, :-1], (*biases[:2], down[:, -1].to(dtype))
-        done.append((gate, up, down.to(dtype), *biases))
+        _put_row(out, k, len(groups), (gate, up, down.to(dtype), *biases))
         del target
-    return Experts.of([torch.stack([m[j] for m in done]) for j in range(len(done[0]))])
+    return Experts.of(out)
+
+
+def _put_row(out: list[torch.Tensor], k: int, rows: int, parts: tuple[torch.Tensor, ...]) -> None:
+    """Write one merged expert's tensors into row k of `out`, allocated (rows, ...) at the first call: stacking a
+    list of finished experts at the end would hold the layer's merged experts twice (2 GiB at Mixtral-8x7B)."""
+    if not out:
+        out.extend(torch.empty((rows, *t.shape), dtype=t.dtype, device=t.device) for t in parts)
+    for dest, t in zip(out, parts, strict=True):
+        dest[k] = t
 
 
 class _Block:
