@@ -93,19 +93,24 @@ def test_on_jobs_merges_there_pushes_and_keeps_the_token_secret(jobs_hub, monkey
 
 def test_ctrl_c_detaches_and_says_how_to_follow_or_cancel(jobs_hub, tmp_path):
     env = {**os.environ, "HF_TOKEN": ALICE, "PYTHONUNBUFFERED": "1"}
+    jobs = jobs_hub.extensions["jobs"]
+    jobs.hold()  # the job cannot finish before the Ctrl-C, however loaded the machine is
     cli = subprocess.Popen([sys.executable, "-m", "hc_smoe_hub.cli", "--demo", "--on-jobs", "--repo-id",
                             "alice/detached", *FAST], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    jobs = jobs_hub.extensions["jobs"]
     try:
-        deadline = time.monotonic() + 60
-        while not jobs.jobs and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert jobs.jobs, "no job was submitted"
+        assert cli.stdout is not None
+        head = ""
+        for line in iter(cli.stdout.readline, ""):  # until the CLI says it submitted, or exits
+            head += line
+            if " submitted: " in line:
+                break
+        assert " submitted: " in head, "the CLI never said it submitted a job"
         (job_id,) = jobs.jobs
         time.sleep(1.0)  # the CLI is following the log now
         cli.send_signal(signal.SIGINT)
-        out, err = cli.communicate(timeout=30)
+        rest, err = cli.communicate(timeout=30)
+        out = head + rest
     finally:
         cli.kill()
     assert cli.returncode == 130, err

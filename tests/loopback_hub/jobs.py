@@ -113,6 +113,7 @@ class Jobs:
         self.jobs: dict[str, Job] = {}
         self.submitted: list[dict[str, Any]] = []
         self.denied: set[str] = set()
+        self.held = False
         self.root = Path(tempfile.mkdtemp(prefix="loopback-jobs-"))
         hub.add_route("GET", "/api/jobs/hardware", lambda req: Answer.json(HARDWARE))
         hub.add_route("POST", "/api/jobs/{ns}", self._run)
@@ -133,6 +134,11 @@ class Jobs:
     def deny(self, namespace: str) -> None:
         """`namespace` may not run Jobs: the Hub answers 402, and whoami says neither PRO nor able to pay."""
         self.denied.add(namespace)
+
+    def hold(self) -> None:
+        """Jobs started from now on stay RUNNING, with their command not run, until cancelled: a test of what the
+        client does while a job runs cannot then race the job to its end."""
+        self.held = True
 
     def wait(self, job_id: str, timeout: float = 120) -> str:
         """Block until the job's stage is terminal; its stage."""
@@ -224,6 +230,9 @@ class Jobs:
     # ------------------------------------------------------------------ running
 
     def _start(self, job: Job) -> None:
+        if self.held:
+            job.logs.append((time.time(), "held by the loopback Hub until cancelled"))
+            return
         env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARS}
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env["PIP_NO_INDEX"] = "1"  # the package under test satisfies the job's install, with no network
