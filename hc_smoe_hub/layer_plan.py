@@ -115,5 +115,5 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
         rows = joint_fit_tokens(inter) * len(groups) // min(ctx.routing.top_k, len(groups))
         experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
                                       routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows,
-                                      new_logit_bias=logit_bias)
+                                      new_logit_bias=logit_bias, overwrite_base=True)
     return LayerPlan(groups, experts, router, bias=bias, logit_bias=logit_bias)

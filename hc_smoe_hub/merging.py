@@ -101,6 +101,10 @@ def fix_dom_merge(
     return Experts.of([torch.stack([m[j] for m in merged]) for j in range(len(merged[0]))])
 
 
+# fix-dom forms its neuron correlations this many bytes of fp32 columns at a time.
+_CORR_BLOCK_BYTES = 64 << 20
+
+
 def chunks(n: int, size: int = 4096) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
@@ -146,15 +150,29 @@ def fix_dom_group(
     # a positive factor of b alone (centring h_j changes nothing, a_dom's columns sum to zero), so the argmax
     # over dominant neurons needs neither member statistics nor a second pass.
     a_dom = _standardize(a_dom).to(dt)
+    token_chunks = chunks(x.shape[0])
+    # The (I, I) correlations are formed a block of j's neurons at a time (an (I, I) product and its fp32 copy are
+    # 1.2 GiB at Mixtral-8x7B); with one chunk of tokens each block's argmax is final and no (I, I) matrix is kept.
+    columns = chunks(experts.gate.shape[1], max(1, _CORR_BLOCK_BYTES // (4 * gate.shape[0])))
     for j in (j for j in g if j != dom):
-        corr = torch.zeros(gate.shape[0], experts.gate.shape[1], device=x.device)
-        for c in chunks(x.shape[0]):
+        mapped = torch.empty(experts.gate.shape[1], dtype=torch.long, device=x.device)  # j's neuron -> dominant's
+        corr = torch.zeros(gate.shape[0], experts.gate.shape[1], device=x.device) if len(token_chunks) > 1 else None
+        for c in token_chunks:
             h = hidden_fp32(x[c], experts.gate[j], experts.up[j], act, dt, *experts.in_bias(j))
-            corr += (a_dom[c].T @ h.to(dt)).float()  # only its argmax is used
+            h_dt = h.to(dt)
+            for cols in columns:
+                block = a_dom[c].T @ h_dt[:, cols]  # only the argmax over dominant neurons is used
+                if corr is None:
+                    mapped[cols] = block.argmax(dim=0)
+                else:
+                    corr[:, cols] += block.float()
+                del block
+            del h_dt
             if target is not None:
                 target[c] += project_fp32(h, experts.down[j], dt, experts.out_bias(j)) * share[c, g.index(j), None]
-        mapped = corr.argmax(dim=0)  # dominant neuron for each neuron of j
-        del corr
+        if corr is not None:
+            mapped = corr.argmax(dim=0)
+            del corr
         g_j, u_j, d_j = expert_weights(experts, j, torch.float32)  # one member in fp32 at a time
         gate.index_add_(0, mapped, g_j)
         up.index_add_(0, mapped, u_j)
@@ -164,7 +182,7 @@ def fix_dom_group(
             gate_b.index_add_(0, mapped, experts.gate_bias[j].float())  # type: ignore[index]
             up_b.index_add_(0, mapped, experts.up_bias[j].float())  # type: ignore[index]
         del g_j, u_j, d_j
-    mats = (gate / hits[:, None], up / hits[:, None], down / hits[None, :])
+    mats = (gate.div_(hits[:, None]), up.div_(hits[:, None]), down.div_(hits[None, :]))  # in place: 0.7 GiB fp32
     if biased:
         return (*mats, gate_b / hits, up_b / hits, down_b), target
     return mats, target

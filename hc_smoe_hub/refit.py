@@ -19,6 +19,8 @@ from hc_smoe_hub.merging import chunks, closest_to_centroid, fix_dom_group, grou
 from hc_smoe_hub.routing import Activation, Experts, Routing, route
 
 GRAM_BLOCKS = 4
+# The joint refit adds its correction to each down projection this many bytes of fp32 rows at a time.
+_ASSEMBLY_BYTES = 64 << 20
 
 
 def lower_gram(a: torch.Tensor) -> torch.Tensor:
@@ -228,6 +230,7 @@ def refit_down_rerouted(
     cache_bytes: int = 1 << 30,
     new_bias: torch.Tensor | None = None,
     new_logit_bias: torch.Tensor | None = None,
+    overwrite_base: bool = False,
 ) -> Experts:
     """Re-fit the K down projections jointly, for the layer as the reduced model will route it.
 
@@ -253,6 +256,8 @@ def refit_down_rerouted(
     sweeps touch only (T_k, T_k) and (T_k, H) matrices. Memory is O(T H + sum_k T_k (T_k + H)) for dual blocks,
     O(I^2 + I H) per primal block, plus the design rows of every merged expert when they fit in `cache_bytes`.
     Experts routed no sample token keep their down projection. Arithmetic in fp32; the result has `base`'s dtype.
+    With `overwrite_base` the new down projections are written into `base`'s own (which the caller no longer needs)
+    instead of a copy: one merged layer's down projections less at the peak.
     """
     rows = torch.arange(0, x.shape[0], max(1, -(-x.shape[0] // max_tokens)), device=x.device)
     xs = x[rows].float()
@@ -342,16 +347,39 @@ def refit_down_rerouted(
                 new = torch.cholesky_solve(rhs, chol).T
                 resid.index_add_(0, b.tok, -matmul_fp32(a, (new - b.down).T, dt))
                 b.down = new
-    downs = []
+    # The new down projections are written row block by row block into `out`, so that the layer's merged experts
+    # are never held twice and no full (H, I) fp32 temporary is made (the peak of a Mixtral-shaped merge was here).
+    out = base if overwrite_base else Experts(base.gate, base.up, base.down.clone(), base.gate_bias, base.up_bias,
+                                              None if base.down_bias is None else base.down_bias.clone())
+    hidden = base.down.shape[1]
+    step = max(1, _ASSEMBLY_BYTES // (4 * inter))
     for k, b in enumerate(blocks):
-        if b.tok.shape[0] == 0:
-            downs.append(_down_of(base, k))
-        elif b.dual:
-            assert b.coef is not None
-            downs.append((_down_of(base, k).float() + matmul_fp32(b.coef.T, design(k), dt)).to(base.down.dtype))
-        else:
-            assert b.down is not None
-            downs.append(b.down.to(base.down.dtype))
+        if b.dual and b.coef is not None:
+            a = design(k)
+            for h in range(0, hidden, step):
+                rows_h = slice(h, h + step)
+                _add_to_down(out, k, rows_h, matmul_fp32(b.coef[:, rows_h].T, a, dt))
+        elif b.down is not None:
+            _set_down(out, k, b.down)
         cache.pop(k, None)
         b.chol = b.coef = b.down = None
-    return _with_downs(base, downs)
+    return out
+
+
+def _add_to_down(out: Experts, k: int, rows: slice, delta: torch.Tensor) -> None:
+    """D += delta on output rows `rows` of expert k, rounded once to the stored dtype; `delta` (r, I), or (r, I + 1)
+    with the down bias's column last."""
+    inter = out.gate.shape[1]
+    d = out.down[k, rows]
+    d.copy_(d.float() + delta[:, :inter])
+    if out.down_bias is not None:
+        bias = out.down_bias[k, rows]
+        bias.copy_(bias.float() + delta[:, inter])
+
+
+def _set_down(out: Experts, k: int, down: torch.Tensor) -> None:
+    """Expert k's down projection set to `down` (H, I), or (H, I + 1) with the bias last, in the stored dtype."""
+    inter = out.gate.shape[1]
+    out.down[k].copy_(down[:, :inter])
+    if out.down_bias is not None:
+        out.down_bias[k].copy_(down[:, inter])

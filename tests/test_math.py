@@ -65,10 +65,14 @@ def test_ward_requires_euclidean():
         hierarchical_groups(torch.randn(4, 2), 2, "ward", "cosine")
 
 
-def random_experts(n=6, inter=8, hidden=4, seed=0) -> Experts:
+def random_experts(n=6, inter=8, hidden=4, seed=0, bias=False) -> Experts:
     g = torch.Generator().manual_seed(seed)
-    return Experts(torch.randn(n, inter, hidden, generator=g), torch.randn(n, inter, hidden, generator=g),
-                   torch.randn(n, hidden, inter, generator=g))
+    mats = (torch.randn(n, inter, hidden, generator=g), torch.randn(n, inter, hidden, generator=g),
+            torch.randn(n, hidden, inter, generator=g))
+    if not bias:
+        return Experts(*mats)
+    return Experts(*mats, torch.randn(n, inter, generator=g), torch.randn(n, inter, generator=g),
+                   torch.randn(n, hidden, generator=g))
 
 
 def test_frequency_merge_and_zero_frequency_fallback():
@@ -81,17 +85,41 @@ def test_frequency_merge_and_zero_frequency_fallback():
     assert merged.gate.dtype == ex.gate.dtype
 
 
-def test_fix_dom_recovers_a_neuron_permuted_copy():
+# One chunk of tokens (each block of correlations final at once) and three (summed over chunks); the neurons'
+# correlations whole, or five columns at a time.
+@pytest.mark.parametrize("tokens,block_bytes", [(512, 1 << 26), (512, 4 * 16 * 5), (9000, 4 * 16 * 5)])
+def test_fix_dom_recovers_a_neuron_permuted_copy(tokens, block_bytes, monkeypatch):
+    from hc_smoe_hub import merging
+
+    monkeypatch.setattr(merging, "_CORR_BLOCK_BYTES", block_bytes)
     ex = random_experts(n=2, inter=16)
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
     ex.gate[1], ex.up[1], ex.down[1] = ex.gate[0][perm], ex.up[0][perm], ex.down[0][:, perm]
-    x = torch.randn(512, 4, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(tokens, 4, generator=torch.Generator().manual_seed(2))
     features = torch.zeros(2, 4)
     merged = fix_dom_merge(ex, [[0, 1]], features, [x], ACT)
     assert torch.allclose(merged.gate[0], ex.gate[0], atol=1e-5)
     assert torch.allclose(merged.down[0], ex.down[0], atol=1e-5)
     averaged = weighted_merge(ex, [[0, 1]], None)
     assert not torch.allclose(averaged.gate[0], ex.gate[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 26, 4 * 24 * 7])
+def test_fix_dom_maps_each_neuron_by_its_correlation_over_every_token_chunk(block_bytes, monkeypatch):
+    """Unrelated experts on 9000 tokens (three chunks): each member neuron goes to the dominant neuron it
+    correlates with most over all the tokens, as a plain fp64 computation finds it."""
+    from hc_smoe_hub import merging
+    from hc_smoe_hub.routing import expert_hidden
+
+    monkeypatch.setattr(merging, "_CORR_BLOCK_BYTES", block_bytes)
+    ex = random_experts(n=2, inter=24, hidden=4, seed=31)
+    x = torch.randn(9000, 4, generator=torch.Generator().manual_seed(32)) * torch.linspace(0.2, 3.0, 9000)[:, None]
+    merged = fix_dom_merge(ex, [[0, 1]], torch.tensor([[0.0], [1.0]]), [x], ACT)  # a tie: the dominant is 0
+    a_dom, h = (expert_hidden(x.double(), ex.gate[i].double(), ex.up[i].double(), ACT) for i in (0, 1))
+    mapped = ((a_dom - a_dom.mean(0)) / a_dom.std(0)).T.matmul(h).argmax(dim=0)
+    hits = torch.ones(24, dtype=torch.float64).index_add_(0, mapped, torch.ones(24, dtype=torch.float64))
+    gate = ex.gate[0].double().index_add(0, mapped, ex.gate[1].double()) / hits[:, None]
+    assert torch.allclose(merged.gate[0].double(), gate, atol=1e-5)
 
 
 def test_fitted_router_matches_grouped_probabilities_best():
@@ -309,6 +337,31 @@ def test_rerouted_refit_equals_the_plain_block_coordinate_solution(tokens):
     base = weighted_merge(ex, groups, None)
     new_router = reduce_router(router, groups, "mean", torch.full((6,), 1 / 6))[0]
     routing = Routing(2, True)
+    before = base.down.clone()
     fitted = refit_down_rerouted(ex, base, router, new_router, x, routing, ACT, sweeps=2)
     expected = _reference_rerouted_refit(ex, base, router, new_router, x, routing, sweeps=2)
     assert torch.allclose(fitted.down.double(), expected, rtol=1e-3, atol=1e-4)
+    assert torch.equal(base.down, before)  # the input is left alone unless told otherwise
+
+
+@pytest.mark.parametrize("tokens", [60, 3000])
+def test_rerouted_refit_in_place_in_row_blocks_equals_the_fresh_result(tokens, monkeypatch):
+    from hc_smoe_hub import refit
+    from hc_smoe_hub.merging import weighted_merge
+
+    ex = random_experts(n=6, inter=64, hidden=8, seed=24, bias=True)
+    g = torch.Generator().manual_seed(25)
+    router, x = torch.randn(6, 8, generator=g), torch.randn(tokens, 8, generator=g)
+    groups = [[0, 3], [1, 4], [2, 5]]
+    new_router = reduce_router(router, groups, "mean", torch.full((6,), 1 / 6))[0]
+    routing = Routing(2, True)
+    fresh = refit.refit_down_rerouted(ex, weighted_merge(ex, groups, None), router, new_router, x, routing, ACT)
+    monkeypatch.setattr(refit, "_ASSEMBLY_BYTES", 3 * 4 * 65)  # three of the 8 output rows (and bias) at a time
+    base = weighted_merge(ex, groups, None)
+    in_place = refit.refit_down_rerouted(ex, base, router, new_router, x, routing, ACT, overwrite_base=True)
+    assert in_place.down is base.down and in_place.down_bias is base.down_bias
+    assert torch.allclose(in_place.down, fresh.down, atol=1e-6)
+    assert torch.allclose(in_place.down_bias, fresh.down_bias, atol=1e-6)
+    start = weighted_merge(ex, groups, None)
+    assert not torch.allclose(fresh.down, start.down, atol=1e-3)  # the refit moved both, so the checks bite
+    assert not torch.allclose(fresh.down_bias, start.down_bias, atol=1e-3)
