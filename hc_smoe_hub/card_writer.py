@@ -61,7 +61,8 @@ def write_checkpoint_card(out: Path, provenance: dict[str, Any], *, src_dir: Pat
                           results: dict[str, Any], eval_settings: dict[str, Any] | None, command: str,
                           timings: dict[str, float], device: torch.device) -> None:
     """Render the card into a staging folder inside `out`, then move each file into place."""
-    from hc_smoe_hub.card import CardInputs, inherit_license, write_card
+    from hc_smoe_hub.card import CardInputs, write_card
+    from hc_smoe_hub.card_license import inherit_license
 
     params_before, disk_before = checkpoint_size(src_dir)
     params_after, disk_after = checkpoint_size(out)

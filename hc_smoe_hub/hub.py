@@ -22,25 +22,28 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any
 
-import httpx2
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
     HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
     OIDCError,
     RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_token, validate_repo_id
 from tqdm.auto import tqdm
 
 from hc_smoe_hub import __version__
 from hc_smoe_hub.errors import HubAccessError, OutputError, SourceError
+from hc_smoe_hub.hub_errors import (
+    describe,
+    is_transient,
+    one_line,
+    push_error,
+    raise_download_error,
+    raise_whoami_error,
+    scrub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ SOURCE_ALLOW_PATTERNS = [
     "README.md",
 ]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Files a new Hub repo is created with: a repo holding only these is still "empty" for the overwrite check.
 CREATION_FILES = frozenset({".gitattributes"})
 
@@ -84,7 +86,7 @@ def resolve_token(token: str | None) -> str | None:
         return get_token()
     except OIDCError as exc:  # HF_OIDC_RESOURCE set but the exchange failed: get_token raises instead of None
         raise HubAccessError(
-            f"HF_OIDC_RESOURCE is set but no token could be obtained: {_one_line(exc)}"
+            f"HF_OIDC_RESOURCE is set but no token could be obtained: {one_line(exc)}"
         ) from None
 
 
@@ -110,7 +112,7 @@ def check_push_access(
     try:
         info = api.whoami(token=token)
     except Exception as exc:
-        _raise_whoami_error(exc, token, endpoint)
+        raise_whoami_error(exc, token, endpoint)
 
     user = str(info.get("name") or "")
     if info.get("type") == "org" or not user:
@@ -141,7 +143,7 @@ def check_push_access(
     try:
         validate_repo_id(target)
     except HFValidationError as exc:
-        raise HubAccessError(f"{target!r} is not a valid Hub repo id: {_one_line(exc)}") from None
+        raise HubAccessError(f"{target!r} is not a valid Hub repo id: {one_line(exc)}") from None
     namespace = target.split("/", 1)[0]
 
     orgs = {str(org.get("name")): str(org.get("roleInOrg") or "") for org in info.get("orgs") or []}
@@ -174,7 +176,7 @@ def check_push_access(
         return target
     except Exception as exc:
         raise HubAccessError(
-            _scrub(f"could not check whether {target} exists on {endpoint}: {_describe(exc)}", token)
+            scrub(f"could not check whether {target} exists on {endpoint}: {describe(exc)}", token)
         ) from exc
 
     files = sorted(s.rfilename for s in existing.siblings or [] if s.rfilename not in CREATION_FILES)
@@ -217,7 +219,7 @@ def source_summary(repo_id: str, *, revision: str | None, token: str | None) -> 
     except ValueError:
         raise SourceError(f"the config.json of {repo_id} is not valid JSON") from None
     except Exception as exc:
-        _raise_download_error(exc, repo_id, revision, token, endpoint)
+        raise_download_error(exc, repo_id, revision, token, endpoint)
 
 
 def fetch_config(repo_id: str, *, revision: str | None, token: str | None) -> dict[str, Any]:
@@ -264,7 +266,7 @@ def download_source(
     except SourceError:
         raise
     except Exception as exc:
-        _raise_download_error(exc, repo_id, revision, token, endpoint)
+        raise_download_error(exc, repo_id, revision, token, endpoint)
     log.info("source %s%s: commit %s in %s", repo_id, at, sha, local)
     return Path(local), sha
 
@@ -312,13 +314,13 @@ def push_folder(
                 ignore_patterns=["run.log", ".*", ".*/**"],
             )
         except Exception as exc:
-            cause = _scrub(_describe(exc), token)
-            if not _is_transient(exc):
+            cause = scrub(describe(exc), token)
+            if not is_transient(exc):
                 detail = f"pushing to {repo_id} on {endpoint} failed: {cause}"
-                raise _push_error(f"{detail}; fix that and run `{resume}`", detail) from exc
+                raise push_error(f"{detail}; fix that and run `{resume}`", detail) from exc
             if attempt == attempts:
                 detail = f"pushing to {repo_id} on {endpoint} failed {attempts} times ({cause})"
-                raise _push_error(
+                raise push_error(
                     f"{detail}; the merged model is safe in {folder}: run `{resume}` to try again", detail
                 ) from exc
             delay = backoff_s * 2 ** (attempt - 1)
@@ -338,13 +340,6 @@ def push_folder(
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _push_error(message: str, detail: str) -> HubAccessError:
-    """The CLI's message names a local folder and a command; `detail` is the failure alone (the Space shows it)."""
-    error = HubAccessError(message)
-    error.detail = detail  # type: ignore[attr-defined]
-    return error
 
 
 class _SilentTqdm(tqdm):
@@ -389,96 +384,3 @@ def _check_source_files(label: str, files: Iterable[str]) -> None:
             "Space), then pass the converted repo or directory"
         )
     raise SourceError(f"{label} has no *.safetensors weights: it is not a checkpoint this tool can read")
-
-
-def _raise_whoami_error(exc: Exception, token: str, endpoint: str) -> NoReturn:
-    status = _status(exc)
-    if status == 401:
-        message = (
-            f"the Hugging Face token was rejected by {endpoint} (invalid, expired or revoked): create one "
-            f"on {endpoint}/settings/tokens, then run `hf auth login` or set HF_TOKEN"
-        )
-    elif status == 429:
-        message = f"{endpoint} is rate-limiting token checks: wait a minute and try again"
-    elif isinstance(exc, OfflineModeIsEnabled):
-        message = "HF_HUB_OFFLINE is set: unset it to push to the Hub, or pass --no-push"
-    elif isinstance(exc, HfHubHTTPError):
-        message = f"could not check the token with {endpoint}: {_describe(exc)}"
-    elif isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError):
-        message = (
-            f"cannot reach {endpoint} to check the token ({_describe(exc)}): check the network or HF_ENDPOINT"
-        )
-    else:
-        raise exc
-    raise HubAccessError(_scrub(message, token)) from None
-
-
-def _raise_download_error(
-    exc: Exception, repo_id: str, revision: str | None, token: str | None, endpoint: str
-) -> NoReturn:
-    hub_url = f"{endpoint}/{repo_id}"
-    if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass of it
-        message = (
-            f"{repo_id} is gated: accept its licence on {hub_url} and use a token of an account that "
-            "has access"
-        )
-    elif isinstance(exc, RevisionNotFoundError):
-        message = f"revision {revision!r} not found in {repo_id}: pass an existing branch, tag or commit sha"
-    elif isinstance(exc, RepositoryNotFoundError):
-        message = (
-            f"model repo {repo_id} not found on the Hub (or it is private: pass a token that can read it)"
-        )
-    elif _status(exc) == 401:
-        message = (
-            f"the Hugging Face token was rejected by {endpoint} (invalid, expired or revoked): fix "
-            "HF_TOKEN / `hf auth login`, or pass no token for a public repo"
-        )
-    elif isinstance(exc, OfflineModeIsEnabled) or (
-        isinstance(exc, LocalEntryNotFoundError) and isinstance(exc.__cause__, OfflineModeIsEnabled)
-    ):
-        message = (
-            f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded: unset it, or pass the local "
-            "directory of a downloaded copy"
-        )
-    elif isinstance(exc, LocalEntryNotFoundError | httpx2.TransportError | ConnectionError | TimeoutError):
-        # snapshot_download reports a connection failure with no cached copy as LocalEntryNotFoundError.
-        message = (
-            f"cannot reach {endpoint} to download {repo_id} ({_describe(exc.__cause__ or exc)}): check "
-            "the network, proxy or HF_ENDPOINT, or pass a local model directory"
-        )
-    elif isinstance(exc, HfHubHTTPError):
-        message = f"the Hub answered {_describe(exc)} while downloading {repo_id}: try again later"
-    else:
-        raise exc
-    raise SourceError(_scrub(message, token)) from None
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OfflineModeIsEnabled):
-        return False
-    if isinstance(exc, HfHubHTTPError):
-        return _status(exc) in TRANSIENT_STATUS
-    return isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError)
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None) if isinstance(exc, HfHubHTTPError) else None
-
-
-def _describe(exc: BaseException) -> str:
-    """`HTTP 503: <server message>` or `ConnectError: <first line>`, on one line."""
-    status = _status(exc)
-    if status is not None:
-        server = getattr(exc, "server_message", None) or ""
-        return f"HTTP {status}" + (f": {_one_line(server)}" if server else "")
-    return f"{type(exc).__name__}: {_one_line(exc)}"
-
-
-def _one_line(value: object) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _scrub(message: str, token: str | None) -> str:
-    return message.replace(token, "***") if token else message

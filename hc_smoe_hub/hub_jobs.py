@@ -22,7 +22,8 @@ from typing import Any
 from huggingface_hub.errors import HfHubHTTPError
 
 from hc_smoe_hub.errors import HcSmoeError
-from hc_smoe_hub.hub import NO_TOKEN_MESSAGE, _api, _describe, _scrub, hub_endpoint, resolve_token
+from hc_smoe_hub.hub import NO_TOKEN_MESSAGE, _api, hub_endpoint, resolve_token
+from hc_smoe_hub.hub_errors import describe, scrub
 
 log = logging.getLogger(__name__)
 
@@ -209,4 +210,4 @@ def _state(info: Any, namespace: str) -> JobState:
 def _failure(what: str, exc: Exception, token: str | None) -> str:
     if isinstance(exc, JobsError):
         return str(exc)
-    return _scrub(f"{what}: {_describe(exc)}", token)
+    return scrub(f"{what}: {describe(exc)}", token)

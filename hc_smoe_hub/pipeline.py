@@ -295,7 +295,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _evaluate_both(request: JobRequest, src_dir: Path, provenance: dict, merged_dir: Path,
                    device: torch.device, timings: dict[str, float], notify: Callable[[str], None]):
-    from hc_smoe_hub import evaluation
+    from hc_smoe_hub import eval_cache, evaluation
 
     settings = request.evaluation
     settings.device = str(device)
@@ -312,7 +312,7 @@ def _evaluate_both(request: JobRequest, src_dir: Path, provenance: dict, merged_
         return evaluation.load_for_eval(directory, device, request.max_memory, offload)
 
     try:
-        before = evaluation.cached_evaluate(request.eval_cache_dir, identity, lambda: load(src_dir), settings)
+        before = eval_cache.cached_evaluate(request.eval_cache_dir, identity, lambda: load(src_dir), settings)
         _stage(timings, "eval_original", t)
         notify("evaluate merged")
         t = time.perf_counter()

@@ -24,12 +24,11 @@ from hc_smoe_hub import card as card_mod
 from hc_smoe_hub.card import (  # write_eval_figure lives in eval_table, re-exported by card
     ARXIV_URL,
     CardInputs,
-    inherit_license,
-    license_from_source,
     render_card,
     write_card,
     write_eval_figure,
 )
+from hc_smoe_hub.card_license import inherit_license, license_from_source
 
 TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "rte", "winogrande"]
 WITH_NORM = {"arc_challenge", "arc_easy", "hellaswag", "openbookqa"}

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, MixtralConfig, PreTrainedTokenize
 
 from hc_smoe_hub import evaluation  # noqa: E402
 from hc_smoe_hub.errors import HcSmoeError  # noqa: E402
-from hc_smoe_hub.evaluation import EvalSettings, cached_evaluate, evaluate, headline  # noqa: E402
+from hc_smoe_hub.eval_cache import cache_path, cached_evaluate  # noqa: E402
+from hc_smoe_hub.evaluation import EvalSettings, evaluate, headline  # noqa: E402
 
 EOS = "<|endoftext|>"
 
@@ -225,7 +226,7 @@ def test_cache_avoids_second_evaluation(tmp_path, task_dir, tokenizer, model_a, 
     assert calls == ["a", "a", "a"]
 
     # A corrupt cache entry is ignored and rewritten, not fatal.
-    path = evaluation.cache_path(tmp_path, identity, settings)
+    path = cache_path(tmp_path, identity, settings)
     path.write_text("{not json")
     assert cached_evaluate(tmp_path, identity, loader_a, settings) == first
     assert len(calls) == 4
