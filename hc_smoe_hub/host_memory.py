@@ -18,7 +18,8 @@ Measured on the engine benchmark (benchmarks/RESULTS.md, engine section), three 
   0.3 MiB per new shape here). Each is read once, when oneDNN first runs, so the package sets both defaults
   (`PRIMITIVE_CACHE_CAPACITY`) at import, unless the user has set them.
 
-glibc only (Linux); elsewhere these are no-ops.
+glibc only (Linux); elsewhere these are no-ops. `available_ram` and `free_bytes` say how much memory is free now,
+for the checks before a job and for the caches a method may keep (`refit.refit_cache_budget`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ import ctypes
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the package's import sets oneDNN's cache sizes from here, before anything imports torch
+    import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 LAYER_MMAP_THRESHOLD = 1 << 20
@@ -80,3 +86,25 @@ def reusable_heap() -> Iterator[None]:
         libc.mallopt(M_MMAP_THRESHOLD, LAYER_MMAP_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo (free pages alone would count the reclaimable page cache as used)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory new buffers on `device` can take now: a GPU's free memory plus what PyTorch's allocator holds
+    unused, or the machine's available RAM; None when it cannot be told."""
+    import torch
+
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return available_ram() if device.type == "cpu" else None

@@ -13,7 +13,7 @@ import torch
 
 from hc_smoe_hub.fastpath import group_fit_tokens, joint_fit_tokens
 from hc_smoe_hub.merging import dominant_merge, fix_dom_merge, reduce_router, router_bias, weighted_merge
-from hc_smoe_hub.refit import fix_dom_refit, refit_down, refit_down_rerouted
+from hc_smoe_hub.refit import fix_dom_refit, refit_cache_budget, refit_down, refit_down_rerouted
 from hc_smoe_hub.routing import Activation, Experts, Routing, route
 from hc_smoe_hub.stats import LayerStats
 
@@ -115,5 +115,6 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
         rows = joint_fit_tokens(inter) * len(groups) // min(ctx.routing.top_k, len(groups))
         experts = refit_down_rerouted(ctx.experts, experts, ctx.router, router, ctx.x, ctx.routing, ctx.act,
                                       routed=ctx.stats.routed_output, new_bias=bias, max_tokens=rows,
-                                      new_logit_bias=logit_bias, overwrite_base=True)
+                                      new_logit_bias=logit_bias, overwrite_base=True,
+                                      cache_bytes=refit_cache_budget(ctx.x.device))
     return LayerPlan(groups, experts, router, bias=bias, logit_bias=logit_bias)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 
 from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, matmul_fp32, project_fp32
+from hc_smoe_hub.host_memory import free_bytes
 from hc_smoe_hub.merging import chunks, closest_to_centroid, fix_dom_group, group_weights
 from hc_smoe_hub.routing import Activation, Experts, Routing, route
 
 GRAM_BLOCKS = 4
 # The joint refit adds its correction to each down projection this many bytes of fp32 rows at a time.
 _ASSEMBLY_BYTES = 64 << 20
+MIN_REFIT_CACHE = 1 << 30
 
 
 def lower_gram(a: torch.Tensor) -> torch.Tensor:
@@ -214,6 +216,13 @@ class _Block:
         self.down: torch.Tensor | None = None  # primal: D (fp32)
 
 
+def refit_cache_budget(device: torch.device) -> int:
+    """Bytes the joint refit may keep across its sweeps on `device`: half of the memory free now, and at least
+    `MIN_REFIT_CACHE` (the budget before it followed the free memory). Speed only: nothing kept changes a result."""
+    free = free_bytes(device)
+    return max(MIN_REFIT_CACHE, (free or 0) // 2)
+
+
 def refit_down_rerouted(
     experts: Experts,
     base: Experts,
@@ -254,7 +263,8 @@ def refit_down_rerouted(
 
     Each block is solved in the dual form when it has fewer tokens than I (see the module docstring): then the
     sweeps touch only (T_k, T_k) and (T_k, H) matrices. Memory is O(T H + sum_k T_k (T_k + H)) for dual blocks,
-    O(I^2 + I H) per primal block, plus the design rows of every merged expert when they fit in `cache_bytes`.
+    O(I^2 + I H) per primal block; what the sweeps would rebuild is kept within `cache_bytes` (the design rows of
+    every merged expert, then the primal blocks' factors; `refit_cache_budget` sizes it from the free memory).
     Experts routed no sample token keep their down projection. Arithmetic in fp32; the result has `base`'s dtype.
     With `overwrite_base` the new down projections are written into `base`'s own (which the caller no longer needs)
     instead of a copy: one merged layer's down projections less at the peak.
@@ -284,7 +294,12 @@ def refit_down_rerouted(
     # The products with the design rows run in the fast-path dtype (bf16 for a bf16 source, fastpath.py); the rows
     # are rounded to it once, so that every product and the fp32 normal equations see the same rows.
     dt = activation_dtype(base.gate.dtype, xs.device)
-    keep = indices.numel() * inter * dt.itemsize <= cache_bytes
+    # What the sweeps would otherwise rebuild, kept within `cache_bytes`: the design rows first (recomputing them
+    # costs about twice a factor's A^T A at Mixtral-8x7B's shape), then the primal blocks' Cholesky factors.
+    design_bytes = indices.numel() * inter * dt.itemsize
+    keep = design_bytes <= cache_bytes
+    primal = sum(1 for b in blocks if not b.dual and b.tok.shape[0] > 0)
+    keep_factors = primal * inter * inter * 4 <= cache_bytes - (design_bytes if keep else 0)
     cache: dict[int, torch.Tensor] = {}
 
     def design(k: int) -> torch.Tensor:
@@ -334,8 +349,7 @@ def refit_down_rerouted(
                     del af
                     b.lam = ridge * float(gram.diagonal().mean().clamp(min=1e-12))
                     chol = _cholesky_shifted(gram, b.lam)
-                    # Kept across sweeps when every block's factor fits the cache budget, else refactored.
-                    if k_new * inter * inter * 4 <= cache_bytes:
+                    if keep_factors:  # else refactored at every sweep
                         b.chol = chol
                 else:
                     chol = b.chol

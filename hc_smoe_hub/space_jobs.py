@@ -25,6 +25,7 @@ from hc_smoe_hub.checkpoint import parse_size
 from hc_smoe_hub.cli import reproduce_command
 from hc_smoe_hub.errors import HcSmoeError
 from hc_smoe_hub.evaluation import EvalSettings
+from hc_smoe_hub.host_memory import available_ram
 from hc_smoe_hub.merge import REPO_ID, MergeRequest, parse_keep, read_config
 from hc_smoe_hub.methods import MethodOptions
 from hc_smoe_hub.pipeline import STAGES, JobRequest, default_repo_name
@@ -93,19 +94,8 @@ def memory_budget() -> tuple[int, str] | None:
     if torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info()
         return free, "the free GPU memory"
-    available = _available_ram()
+    available = available_ram()
     return (available, "the available memory of this machine (no GPU)") if available else None
-
-
-def _available_ram() -> int | None:
-    """MemAvailable of /proc/meminfo (free pages alone would count the reclaimable page cache as used)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def memory_needed(facts: SourceFacts, evaluate: bool, num_samples: int, seq_len: int, on_gpu: bool) -> int:

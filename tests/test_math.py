@@ -365,3 +365,54 @@ def test_rerouted_refit_in_place_in_row_blocks_equals_the_fresh_result(tokens, m
     start = weighted_merge(ex, groups, None)
     assert not torch.allclose(fresh.down, start.down, atol=1e-3)  # the refit moved both, so the checks bite
     assert not torch.allclose(fresh.down_bias, start.down_bias, atol=1e-3)
+
+
+def test_rerouted_refit_keeps_what_fits_its_budget_and_the_result_does_not_change(monkeypatch):
+    """Primal blocks (3000 tokens, 64 intermediate rows): with no budget every sweep rebuilds each merged expert's
+    design rows and factor, with room for both each is built once, with room for the design rows alone the
+    factors are rebuilt; the refitted experts are the same every time."""
+    from hc_smoe_hub import refit
+
+    ex = random_experts(n=6, inter=64, hidden=8, seed=26)
+    g = torch.Generator().manual_seed(27)
+    router, x = torch.randn(6, 8, generator=g), torch.randn(3000, 8, generator=g)
+    groups = [[0, 3], [1, 4], [2, 5]]
+    base = weighted_merge(ex, groups, None)
+    new_router = reduce_router(router, groups, "mean", torch.full((6,), 1 / 6))[0]
+    calls = {"design": 0, "factor": 0}
+    real_design, real_factor = refit._design, refit._cholesky_shifted
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(refit, "_design", counted("design", real_design))
+    monkeypatch.setattr(refit, "_cholesky_shifted", counted("factor", real_factor))
+    design_bytes = 3000 * 2 * 64 * 4  # every sampled token routed to two merged experts, fp32 rows here
+    results = {}
+    for budget in (0, design_bytes, 1 << 30):
+        calls.update(design=0, factor=0)
+        results[budget] = refit.refit_down_rerouted(ex, base, router, new_router, x, Routing(2, True), ACT,
+                                                    sweeps=3, cache_bytes=budget)
+        results[budget, "calls"] = dict(calls)
+    # No budget: design rows at set-up, in each of 3 sweeps and at the end (dual only), factors in each sweep.
+    assert results[0, "calls"] == {"design": 3 * 4, "factor": 3 * 3}
+    assert results[design_bytes, "calls"] == {"design": 3, "factor": 3 * 3}
+    assert results[1 << 30, "calls"] == {"design": 3, "factor": 3}
+    for budget in (design_bytes, 1 << 30):
+        assert torch.allclose(results[budget].down, results[0].down, atol=1e-5)
+
+
+def test_refit_cache_budget_follows_the_free_memory():
+    from hc_smoe_hub.host_memory import available_ram
+    from hc_smoe_hub.refit import MIN_REFIT_CACHE, refit_cache_budget
+
+    budget = refit_cache_budget(torch.device("cpu"))
+    free = available_ram()
+    assert free is not None and budget >= MIN_REFIT_CACHE
+    assert budget == max(MIN_REFIT_CACHE, free // 2) or abs(budget - free // 2) < free // 20  # RAM moves a little
+    if torch.cuda.is_available():  # benchmarks/gpu_check.sh runs this file on a GPU
+        free_gpu, _ = torch.cuda.mem_get_info()
+        assert refit_cache_budget(torch.device("cuda")) >= max(MIN_REFIT_CACHE, free_gpu // 2)
