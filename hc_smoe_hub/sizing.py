@@ -36,9 +36,20 @@ HIDDEN_COPIES = 5
 O_PRUNE_TOKENS = 2048
 O_PRUNE_BLOCK = 256 << 20
 O_PRUNE_COPIES = 6
-# Families whose attention normalizes queries and keys: per head (one head_dim vector each for q and k) or over
-# the whole projection (one vector of the projection's width each).
-QK_NORMS = {"qwen3_moe": "head", "olmoe": "projection"}
+# Families whose attention normalizes queries and keys (unless `use_qk_norm` is false): per head (one head_dim
+# vector each for q and k) or over the whole projection (one vector of the projection's width each).
+QK_NORMS = {"qwen3_moe": "head", "olmoe": "projection", "glm4_moe": "head", "minimax_m2": "projection",
+            "hunyuan_v1_moe": "head", "qwen3_next": "head", "qwen3_5_moe_text": "head"}
+# What a few families have beyond the common layout, as data (each checked against the transformers class,
+# tests/test_sizing.py): LayerNorms with a bias; a query projection twice as wide (its second half gates the
+# attention output); a router score bias without DeepSeek's keys; a shared expert as wide as `intermediate_size`;
+# gpt-oss' biases (per expert on gate/up and down, on the router and on o_proj) and per-head attention sinks.
+NORM_BIAS = frozenset({"phimoe"})
+GATED_QUERY = frozenset({"qwen3_next", "qwen3_5_moe_text"})
+SCORE_BIAS = frozenset({"minimax_m2", "ernie4_5_moe"})
+SHARED_OF_INTERMEDIATE = frozenset({"hunyuan_v1_moe"})
+EXPERT_BIASES = frozenset({"gpt_oss"})
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "attention", "sliding_attention"})
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +96,8 @@ def attention_params(config: dict[str, Any]) -> int:
     """Weights of one decoder layer's attention and its two norms."""
     cfg = text_config(config)
     h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    norms = 2 * h
+    kind = cfg.get("model_type", "")
+    norms = 2 * _norm_params(cfg)
     if cfg.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek-V2/V3)
         q_rank, kv_rank = int(cfg.get("q_lora_rank") or 0), int(cfg["kv_lora_rank"])
         nope, rope, v = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"])
@@ -93,10 +105,49 @@ def attention_params(config: dict[str, Any]) -> int:
         kv = h * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v)
         return q + kv + heads * v * h + norms
     kv_heads, hd = int(cfg.get("num_key_value_heads") or heads), _head_dim(cfg)
-    proj = h * heads * hd + 2 * h * kv_heads * hd + heads * hd * h
-    bias = (heads * hd + 2 * kv_heads * hd) if cfg.get("attention_bias", cfg.get("qkv_bias", False)) else 0
-    qk_norm = {"head": 2 * hd, "projection": (heads + kv_heads) * hd}.get(QK_NORMS.get(cfg.get("model_type", "")), 0)
+    q_width = heads * hd * (2 if kind in GATED_QUERY else 1)
+    proj = h * q_width + 2 * h * kv_heads * hd + heads * hd * h
+    bias = (q_width + 2 * kv_heads * hd) if cfg.get("attention_bias", cfg.get("qkv_bias", False)) else 0
+    if kind in EXPERT_BIASES:  # gpt-oss: o_proj's bias and one attention sink per head
+        bias += (h if cfg.get("attention_bias") else 0) + heads
+    qk_norm = 0
+    if cfg.get("use_qk_norm", True):
+        qk_norm = {"head": 2 * hd, "projection": (heads + kv_heads) * hd}.get(QK_NORMS.get(kind, ""), 0)
     return proj + bias + qk_norm + norms
+
+
+def _norm_params(cfg: dict[str, Any]) -> int:
+    return (2 if cfg.get("model_type", "") in NORM_BIAS else 1) * int(cfg["hidden_size"])
+
+
+def _linear_mixer_params(cfg: dict[str, Any]) -> int:
+    """Weights of a linear-attention layer's token mixer: Granite 4.0 hybrid's Mamba-2 (`mamba_*` keys) or
+    Qwen3-Next's gated delta net (`linear_*` keys)."""
+    h = int(cfg["hidden_size"])
+    if cfg.get("mamba_n_heads"):
+        heads, groups, state = int(cfg["mamba_n_heads"]), int(cfg.get("mamba_n_groups") or 1), int(cfg["mamba_d_state"])
+        inner = int(float(cfg.get("mamba_expand") or 2) * h)
+        conv = inner + 2 * groups * state
+        in_proj = 2 * inner + 2 * groups * state + heads
+        bias = in_proj + h if cfg.get("mamba_proj_bias") else 0
+        conv_bias = conv if cfg.get("mamba_conv_bias", True) else 0
+        return h * in_proj + conv * int(cfg.get("mamba_d_conv") or 4) + conv_bias + 3 * heads + inner + inner * h + bias
+    key = int(cfg["linear_num_key_heads"]) * int(cfg["linear_key_head_dim"])
+    v_heads = int(cfg["linear_num_value_heads"])
+    value = v_heads * int(cfg["linear_value_head_dim"])
+    kernel = int(cfg.get("linear_conv_kernel_dim") or 4)
+    return (h * (2 * key + 2 * value) + h * 2 * v_heads + (2 * key + value) * kernel + 2 * v_heads
+            + int(cfg["linear_value_head_dim"]) + value * h)
+
+
+def mixer_params(config: dict[str, Any], layer: int) -> int:
+    """Weights of decoder layer `layer`'s token mixer and its two norms: attention (`attention_params`), or in a
+    hybrid model (`layer_types`) linear attention."""
+    cfg = text_config(config)
+    types = cfg.get("layer_types") or []
+    if layer < len(types) and types[layer] not in ATTENTION_LAYER_TYPES:
+        return _linear_mixer_params(cfg) + 2 * _norm_params(cfg)
+    return attention_params(cfg)
 
 
 def expert_params(config: dict[str, Any]) -> int:
@@ -108,10 +159,18 @@ def expert_params(config: dict[str, Any]) -> int:
 def moe_block_params(config: dict[str, Any]) -> int:
     """Weights of one MoE block: routed experts, router (and its score bias), shared expert and its gate."""
     cfg = text_config(config)
-    h, n = int(cfg["hidden_size"]), num_routed_experts(cfg)
+    h, n, kind = int(cfg["hidden_size"]), num_routed_experts(cfg), cfg.get("model_type", "")
     total = n * expert_params(cfg) + n * h
-    if cfg.get("topk_method") == "noaux_tc" or cfg.get("n_group"):  # DeepSeek's e_score_correction_bias
+    if cfg.get("topk_method") == "noaux_tc" or cfg.get("n_group") or kind in SCORE_BIAS:  # e_score_correction_bias
         total += n
+    if kind in EXPERT_BIASES:  # gate/up and down biases per expert, and the router's
+        total += n * (2 * _expert_intermediate(cfg) + h) + n
+    if cfg.get("shared_intermediate_size"):  # Granite: one shared expert, fused gate/up
+        total += 3 * h * int(cfg["shared_intermediate_size"])
+    if cfg.get("moe_num_shared_experts"):  # ERNIE: shared experts of the routed experts' width
+        total += int(cfg["moe_num_shared_experts"]) * expert_params(cfg)
+    if kind in SHARED_OF_INTERMEDIATE:
+        total += 3 * h * int(cfg["intermediate_size"])
     if cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE: one shared expert with a one-row gate
         total += 3 * h * int(cfg["shared_expert_intermediate_size"]) + h
     if cfg.get("n_shared_experts"):  # DeepSeek: shared experts of the routed experts' width
@@ -123,10 +182,14 @@ def moe_layers(config: dict[str, Any]) -> list[int]:
     """Indices of the decoder layers that carry routed experts."""
     cfg = text_config(config)
     layers = int(cfg["num_hidden_layers"])
+    if cfg.get("mlp_layer_types"):  # GLM-4-MoE-Lite: "dense" or "sparse" per layer
+        return [i for i, kind in enumerate(cfg["mlp_layer_types"]) if kind == "sparse"]
     dense = set(cfg.get("mlp_only_layers") or [])
-    step = int(cfg.get("decoder_sparse_step") or 1)
-    first = int(cfg.get("first_k_dense_replace") or 0)
-    return [i for i in range(layers) if i not in dense and (i + 1) % step == 0 and i >= first]
+    step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_interval") or 1)
+    first = int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index") or 0)
+    end = cfg.get("moe_layer_end_index")  # ERNIE's last MoE layer, -1 for the model's last
+    last = layers - 1 if end is None or int(end) < 0 else int(end)
+    return [i for i in range(layers) if i not in dense and (i + 1) % step == 0 and first <= i <= last]
 
 
 def held_dtype_bytes(config: dict[str, Any]) -> int:
@@ -138,7 +201,9 @@ def held_dtype_bytes(config: dict[str, Any]) -> int:
 def layer_weight_bytes(config: dict[str, Any]) -> int:
     """Bytes of one MoE decoder layer's weights as the merge holds them (`held_dtype_bytes`): attention, norms,
     router, routed and shared experts."""
-    return (attention_params(config) + moe_block_params(config)) * held_dtype_bytes(config)
+    block = moe_block_params(config)  # first: a dense config is refused here
+    mixer = max(mixer_params(config, i) for i in moe_layers(config))  # hybrids: the larger kind of MoE layer
+    return (mixer + block) * held_dtype_bytes(config)
 
 
 def _total_params(config: dict[str, Any], keep: int | None = None) -> int:
@@ -150,10 +215,10 @@ def _total_params(config: dict[str, Any], keep: int | None = None) -> int:
     moe = moe_layers(cfg)
     dense_mlp = 3 * h * int(cfg.get("intermediate_size") or 4 * _expert_intermediate(cfg))
     layers = int(cfg["num_hidden_layers"])
-    body = layers * attention_params(cfg) + len(moe) * moe_block_params(reduced) \
+    body = sum(mixer_params(cfg, i) for i in range(layers)) + len(moe) * moe_block_params(reduced) \
         + (layers - len(moe)) * dense_mlp
     head = 0 if cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False)) else vocab * h
-    return vocab * h + head + h + body
+    return vocab * h + head + _norm_params(cfg) + body
 
 
 def checkpoint_bytes(config: dict[str, Any], dtype_bytes: int = 2, *, keep: int | None = None) -> int:

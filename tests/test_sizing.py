@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from hc_smoe_hub import sizing
 from hc_smoe_hub.checkpoint import SourceCheckpoint
-from hc_smoe_hub.synthetic import build_tiny_moe, tiny_config
+from hc_smoe_hub.synthetic import FAMILY_CONFIGS, MODERN_FAMILY_CONFIGS, build_tiny_moe, tiny_config
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = (*FAMILY_CONFIGS, *MODERN_FAMILY_CONFIGS)  # every family synthetic.py builds with its transformers class
 
 
 def _meta_model(family: str, **overrides):
@@ -23,13 +23,38 @@ def _meta_model(family: str, **overrides):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_counts_match_the_model_class(family: str) -> None:
+    """Every weight the checkpoint holds (parameters and persistent buffers such as DeepSeek's score bias; the
+    multi-token-prediction layers some families declare are not built by transformers and not merged)."""
     config, model = _meta_model(family)
     cfg = config.to_dict()
-    assert sizing._total_params(cfg) == sum(p.numel() for p in model.parameters())
+    state = model.state_dict()
+    assert sizing._total_params(cfg) == sum(t.numel() for t in state.values())
     moe = sizing.moe_layers(cfg)
-    assert moe == [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
-    layer = model.model.layers[moe[0]]
-    assert sizing.layer_weight_bytes(cfg) == sum(p.numel() for p in layer.parameters()) * 2
+    assert moe == [i for i, layer in enumerate(model.model.layers) if _has_experts(layer)]
+    per_layer = [sum(t.numel() for k, t in state.items() if k.startswith(f"model.layers.{i}.")) for i in moe]
+    assert sizing.layer_weight_bytes(cfg) == max(per_layer) * 2
+
+
+def test_qwen3_5_language_model_counts_match_the_model_class() -> None:
+    """A vision-language config: its nested text_config is what is sized, against the language model's weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from hc_smoe_hub.synthetic_layouts import QWEN3_5_TEXT, QWEN3_5_VISION
+
+    config = AutoConfig.for_model("qwen3_5_moe", text_config=QWEN3_5_TEXT, vision_config=QWEN3_5_VISION,
+                                  tie_word_embeddings=False)
+    with torch.device("meta"):
+        state = AutoModelForImageTextToText.from_config(config).state_dict()
+    language = {k: t for k, t in state.items() if not k.startswith("model.visual.")}
+    cfg = config.to_dict()
+    assert sizing._total_params(cfg) == sum(t.numel() for t in language.values())
+    per_layer = [sum(t.numel() for k, t in language.items() if k.startswith(f"model.language_model.layers.{i}."))
+                 for i in sizing.moe_layers(cfg)]
+    assert len(per_layer) == 3 and sizing.layer_weight_bytes(cfg) == max(per_layer) * 2
+
+
+def _has_experts(layer) -> bool:
+    return any(name.endswith("experts") for name, _ in layer.named_modules())
 
 
 def test_qwen_attention_bias_and_dense_layers_count() -> None:
