@@ -5,7 +5,9 @@ For each shape a random bf16 checkpoint of two decoder layers is written shard b
 calibrated on 8 x 512 tokens: per-layer seconds and the process's peak RSS (VmHWM), against the goal of
 2.5 x one layer's weight bytes + 1 GiB and against `sizing.merge_peak_bytes`, the figure the README's formula gives.
 
-Run: python benchmarks/real_shapes.py [--record] [--shapes mixtral,qwen15,qwen3] [--device cuda]
+Each layer's own peak is sampled too, so that `--layers 6` shows whether memory grows with depth at these shapes.
+
+Run: python benchmarks/real_shapes.py [--record] [--shapes mixtral,qwen15,qwen3] [--device cuda] [--layers 6]
      python benchmarks/real_shapes.py --scale 16   (every width divided by 16: a quick check of the script itself)
 """
 
@@ -49,19 +51,35 @@ WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_e
 CALIB = {"num_samples": 8, "seq_len": 512}  # the issue's setting; --num-samples 32 --seq-len 2048 is the default run's
 
 CHILD = """
-import json, time, torch
+import json, logging, re, threading, time, torch
 from pathlib import Path
 from hc_smoe_hub.calibration import CalibrationSpec
 from hc_smoe_hub.merge import MergeRequest, merge_checkpoint
 from hc_smoe_hub.methods import MethodOptions
 torch.set_num_threads({threads})
+# Each decoder layer's peak RSS, sampled every 20 ms: the engine logs "layer i: ..." as it finishes layer i.
+running, peaks, done = [0], {{}}, threading.Event()
+class Finished(logging.Handler):
+    def emit(self, record):
+        found = re.match(r"layer (\\d+):", record.getMessage())
+        if found:
+            running[0] = int(found.group(1)) + 1
+logging.getLogger("hc_smoe_hub.streaming").addHandler(Finished())
+logging.getLogger("hc_smoe_hub.streaming").setLevel(logging.INFO)
+def sample():
+    while not done.wait(0.02):
+        rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+        peaks[running[0]] = max(peaks.get(running[0], 0), rss)
+threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
 r = merge_checkpoint(MergeRequest(source={src!r}, keep={keep!r}, output_dir=Path({out!r}),
     calibration=CalibrationSpec({calib!r}, {n}, {s}), device={device!r}, options=MethodOptions(**{options}),
     sequential={sequential}))
+done.set()
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 print(json.dumps({{"rss": {peak}, "gpu": gpu, "wall": time.perf_counter() - t, "merge": r.timings["merge"],
-                  "layers": [l.seconds for l in r.layers], "errors": [l.output_rel_error for l in r.layers]}}))
+                  "layers": [l.seconds for l in r.layers], "errors": [l.output_rel_error for l in r.layers],
+                  "layer_rss": [peaks.get(i, 0) for i in range(len(r.layers))]}}))
 """
 
 
@@ -96,6 +114,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="default,--paper")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers per checkpoint (more: growth with depth)")
     ap.add_argument("--num-samples", type=int, default=CALIB["num_samples"])
     ap.add_argument("--seq-len", type=int, default=CALIB["seq_len"])
     args = ap.parse_args()
@@ -106,14 +125,14 @@ def main() -> None:
     calib = calibration_text(tmp / "calib.txt", paragraphs=2000 * max(1, tokens // 16384))
     lines = [f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, device "
              f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
-             + f"; calibration {CALIB['num_samples']} x {CALIB['seq_len']} tokens; two decoder layers per "
+             + f"; calibration {CALIB['num_samples']} x {CALIB['seq_len']} tokens; {args.layers} decoder layers per "
              f"checkpoint, random bf16 weights" + (f"; every width / {args.scale}" if args.scale > 1 else "") + ".",
              "", "| shape | experts | layer weights GiB | method | s per layer | peak RSS GiB | goal GiB "
-             "| formula GiB | GPU peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| formula GiB | GPU peak GiB | peak RSS per layer GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for name in args.shapes.split(","):
         label, keep, _ = SHAPES[name]
-        fields = fields_for(name, args.scale)
+        fields = {**fields_for(name, args.scale), "num_hidden_layers": args.layers}
         src = write_random_checkpoint(tmp / name, fields)
         config = json.loads((src / "config.json").read_text())
         layer = sizing.layer_weight_bytes(config)
@@ -129,7 +148,8 @@ def main() -> None:
             failures += [] if ok else [f"{label} {method}: {r['rss'] / GIB:.2f} GiB > goal {goal / GIB:.2f}"]
             row = (f"| {label} | {n} -> {keep} | {layer / GIB:.2f} | {method} | {per_layer} | "
                    f"{'**' if ok else ''}{r['rss'] / GIB:.2f}{'**' if ok else ''} | {goal / GIB:.2f} | "
-                   f"{formula / GIB:.2f} | {r['gpu'] / GIB:.2f} |")
+                   f"{formula / GIB:.2f} | {r['gpu'] / GIB:.2f} | "
+                   + " ".join(f"{b / GIB:.2f}" for b in r["layer_rss"]) + " |")
             print(row, flush=True)
             lines.append(row)
         shutil.rmtree(src, ignore_errors=True)
