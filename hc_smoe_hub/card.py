@@ -11,7 +11,6 @@ Numbers only ever come from the inputs: when evaluation was skipped the card say
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -25,6 +24,7 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from hc_smoe_hub.card_format import bytes_text, count_text, duration_text, relative_change, table_cell
 from hc_smoe_hub.errors import HcSmoeError
 from hc_smoe_hub.eval_table import acc_tasks, eval_rows, headline_row, write_eval_figure
 from hc_smoe_hub.evaluation import PAPER_TASKS
@@ -158,43 +158,6 @@ def hub_dataset_id(name: str) -> str | None:
     except HFValidationError:
         return None
     return name
-
-
-def _short_count(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def _count(n: int) -> str:
-    return f"{_short_count(n)} ({n:,})"
-
-
-def _bytes(n: int) -> str:
-    # Decimal units, as the Hub shows file sizes.
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
-def _relative(before: float, after: float) -> str:
-    return f"{(after - before) / before * 100:+.1f}%" if before else "n/a"
-
-
-def _md(value: Any) -> str:
-    """A value for a Markdown table cell."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def _cluster_rows(clusters: list[list[list[int]]] | dict[int, list[list[int]]]) -> list[tuple[int, str]]:
@@ -372,7 +335,7 @@ def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
     if with_figure is None:
         with_figure = bool(acc_tasks(before, after))
     description, limit_note = _eval_description(inputs.eval_settings)
-    timings = [(stage, _duration(sec)) for stage, sec in inputs.timings.items()]
+    timings = [(stage, duration_text(sec)) for stage, sec in inputs.timings.items()]
     tasks = (inputs.eval_settings or {}).get("tasks") or PAPER_TASKS
     text = _template().render(
         card_data=card_data(inputs).to_yaml(),
@@ -393,14 +356,14 @@ def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
         top_k_before=inputs.top_k_before,
         top_k_after=inputs.top_k_after,
         top_k_changed=inputs.top_k_after != inputs.top_k_before,
-        params_before=_count(inputs.params_before),
-        params_after=_count(inputs.params_after),
-        params_change=_relative(inputs.params_before, inputs.params_after),
-        disk_before=_bytes(inputs.disk_bytes_before),
-        disk_after=_bytes(inputs.disk_bytes_after),
-        disk_change=_relative(inputs.disk_bytes_before, inputs.disk_bytes_after),
+        params_before=count_text(inputs.params_before),
+        params_after=count_text(inputs.params_after),
+        params_change=relative_change(inputs.params_before, inputs.params_after),
+        disk_before=bytes_text(inputs.disk_bytes_before),
+        disk_after=bytes_text(inputs.disk_bytes_after),
+        disk_change=relative_change(inputs.disk_bytes_before, inputs.disk_bytes_after),
         calibration=_calibration(inputs),
-        settings=[(_md(k), f"`{_md(v)}`") for k, v in inputs.settings.items()],
+        settings=[(table_cell(k), f"`{table_cell(v)}`") for k, v in inputs.settings.items()],
         has_results=has_results,
         eval_description=description,
         limit_note=limit_note,
@@ -414,7 +377,7 @@ def render_card(inputs: CardInputs, with_figure: bool | None = None) -> str:
         hardware=inputs.hardware,
         created_at=inputs.created_at,
         timings=timings,
-        total_time=_duration(sum(inputs.timings.values())),
+        total_time=duration_text(sum(inputs.timings.values())),
         license_text=_license_text(inputs),
         bibtex=BIBTEX,
     )
