@@ -46,7 +46,18 @@ class LayerContext:
     routing: Routing
     act: Activation
     stats: LayerStats
+    # The engine sets it: no one reads `experts` after the method, so its final merge may write the merged experts
+    # into their rows (`merged_rows.py`) and leave `experts` as shapes only, on the meta device.
+    experts_expendable: bool = False
     _top_k_indices: torch.Tensor | None = field(default=None, repr=False)
+
+    def give_up_experts(self) -> Experts:
+        """The source experts, for a merge to overwrite; `experts` keeps only their shapes from now on."""
+        if not self.experts_expendable:
+            raise RuntimeError("the source experts are still needed")
+        experts, self.experts_expendable = self.experts, False
+        self.experts = Experts.of([torch.empty_like(t, device="meta") for t in experts.tensors()])
+        return experts
 
     def routed_tokens(self, group: list[int], limit: int = 16384) -> torch.Tensor:
         """Calibration tokens whose top-k includes a member of the group (all tokens if none are), a strided
@@ -98,8 +109,11 @@ def merge_groups(ctx: LayerContext, groups: list[list[int]], opts: MethodOptions
     elif base_mode == "dominant":
         experts = dominant_merge(ctx.experts, groups, freqs)
     elif base_mode == "fix-dom" and refit:  # one pass over the members' activations serves both steps
-        experts = fix_dom_refit(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.router, ctx.act,
-                                routing=ctx.routing)
+        # Nothing after this merge reads the source experts (the joint refit takes the original's routed output from
+        # the statistics), so the merged experts may take their rows: the layer is held once, not 1 + K/N times.
+        in_place = ctx.experts_expendable
+        experts = fix_dom_refit(ctx.give_up_experts() if in_place else ctx.experts, groups, ctx.stats.features,
+                                group_tokens(), ctx.router, ctx.act, routing=ctx.routing, in_place=in_place)
         refit = False
     elif base_mode == "fix-dom":
         experts = fix_dom_merge(ctx.experts, groups, ctx.stats.features, group_tokens(), ctx.act)

@@ -11,7 +11,7 @@ import logging
 import torch
 
 from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, project_fp32
-from hc_smoe_hub.routing import Activation, Experts, Routing, expert_weights
+from hc_smoe_hub.routing import Activation, Experts, Routing
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +173,14 @@ def fix_dom_group(
         if corr is not None:
             mapped = corr.argmax(dim=0)
             del corr
-        g_j, u_j, d_j = expert_weights(experts, j, torch.float32)  # one member in fp32 at a time
-        gate.index_add_(0, mapped, g_j)
-        up.index_add_(0, mapped, u_j)
-        down.index_add_(1, mapped, d_j)
+        # One member matrix in fp32 at a time (0.2 GiB at Mixtral-8x7B's shape, where the three are 0.7 GiB).
+        gate.index_add_(0, mapped, experts.gate[j].float())
+        up.index_add_(0, mapped, experts.up[j].float())
+        down.index_add_(1, mapped, experts.down[j].float())
         hits.index_add_(0, mapped, torch.ones_like(mapped, dtype=hits.dtype))
         if biased:
             gate_b.index_add_(0, mapped, experts.gate_bias[j].float())  # type: ignore[index]
             up_b.index_add_(0, mapped, experts.up_bias[j].float())  # type: ignore[index]
-        del g_j, u_j, d_j
     mats = (gate.div_(hits[:, None]), up.div_(hits[:, None]), down.div_(hits[None, :]))  # in place: 0.7 GiB fp32
     if biased:
         return (*mats, gate_b / hits, up_b / hits, down_b), target

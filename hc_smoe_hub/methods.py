@@ -7,6 +7,7 @@ streaming and output format.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,7 @@ def best_grouping(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     Each candidate is judged by the relative error of the layer's routed output on the calibration sample, after its
     merge (so both are compared as they would be written).
     """
+    ctx = dataclasses.replace(ctx, experts_expendable=False)  # both candidates merge from the source experts
     candidates = {name: METHODS[name](ctx, opts) for name in ("hc-smoe", "anchored-o")}
     errors = {name: plan_error(ctx, plan) for name, plan in candidates.items()}
     chosen = min(errors, key=lambda name: (errors[name], name))

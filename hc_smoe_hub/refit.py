@@ -16,6 +16,7 @@ import torch
 
 from hc_smoe_hub.fastpath import activation_dtype, hidden_fp32, matmul_fp32, project_fp32
 from hc_smoe_hub.host_memory import free_bytes
+from hc_smoe_hub.merged_rows import MergedRows
 from hc_smoe_hub.merging import chunks, closest_to_centroid, fix_dom_group, group_weights
 from hc_smoe_hub.routing import Activation, Experts, Routing, route
 
@@ -165,38 +166,36 @@ def refit_down(
 def fix_dom_refit(
     experts: Experts, groups: list[list[int]], features: torch.Tensor, x_per_group: list[torch.Tensor],
     router: torch.Tensor, act: Activation, ridge: float = 1e-3, routing: Routing | None = None,
+    in_place: bool = False,
 ) -> Experts:
     """`fix_dom_merge` followed by `refit_down`, group by group, sharing one pass over the members' activations.
 
     Each group's merged expert is finished (aligned, refitted, cast to the source dtype) before the next starts, so
-    only one group's fp32 expert and target are alive at a time.
+    only one group's fp32 expert and target are alive at a time. A singleton is its expert, unchanged. With
+    `in_place` the merged experts are written into `experts`' own rows, which the caller gives up
+    (`merged_rows.MergedRows`): the result is views of them, and the layer is held once.
     """
     dtype = experts.gate.dtype
-    out: list[torch.Tensor] = []  # the K merged experts, each written into its row as soon as it is done
+    out = MergedRows(groups, into=experts if in_place else None)
     for k, (g, x) in enumerate(zip(groups, x_per_group, strict=True)):
+        if len(g) == 1:  # nothing to align or refit: the expert as stored (fp32 and back would be the same bits)
+            out.put(k, tuple(t[g[0]] for t in experts.tensors()))
+            continue
         xf = x.float()
-        fit = len(g) > 1 and x.shape[0] > 0
+        fit = x.shape[0] > 0
         share, mass = group_weights(xf, router, g, routing) if fit else (None, None)
         merged, target = fix_dom_group(experts, g, closest_to_centroid(g, features), xf, act, share)
         gate, up, down = merged[0].to(dtype), merged[1].to(dtype), merged[2]
         biases = tuple(b.to(dtype) for b in merged[3:])  # gate, up and down bias, when the experts have them
+        del merged
         if fit:
             # Solved on the gate/up rows as they will be stored, so the down projection fits what is written.
             down = _solve_group(gate, up, xf, target, mass, act, ridge, *biases[:2], with_bias=bool(biases))
             if biases:
                 down, biases = down[:, :-1], (*biases[:2], down[:, -1].to(dtype))
-        _put_row(out, k, len(groups), (gate, up, down.to(dtype), *biases))
         del target
-    return Experts.of(out)
-
-
-def _put_row(out: list[torch.Tensor], k: int, rows: int, parts: tuple[torch.Tensor, ...]) -> None:
-    """Write one merged expert's tensors into row k of `out`, allocated (rows, ...) at the first call: stacking a
-    list of finished experts at the end would hold the layer's merged experts twice (2 GiB at Mixtral-8x7B)."""
-    if not out:
-        out.extend(torch.empty((rows, *t.shape), dtype=t.dtype, device=t.device) for t in parts)
-    for dest, t in zip(out, parts, strict=True):
-        dest[k] = t
+        out.put(k, (gate, up, down.to(dtype), *biases))
+    return out.experts()
 
 
 class _Block:

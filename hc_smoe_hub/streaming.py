@@ -320,7 +320,8 @@ class StreamingMerger:
         sample = torch.arange(0, x.shape[0], max(1, x.shape[0] // self.s.error_tokens), device=x.device)
         # The experts stay in the source dtype; every consumer converts one expert at a time to x's dtype.
         stats = collect(x, experts, router, routing, self.act, freq_top_k, sample_rows=sample)
-        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, routing, self.act, stats)
+        ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, routing, self.act, stats,
+                           experts_expendable=True)  # read by nothing after the method (below: shapes only)
         with reusable_heap():  # the refits' temporaries reused, not page-faulted afresh (host_memory.py)
             plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
