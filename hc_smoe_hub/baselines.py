@@ -155,6 +155,12 @@ def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     = sum_ab w_a w_b M_ab - 2 sum_a w_a <Y_a, y> + ||y||^2 per token, with M the per-token Gram matrix of the
     experts' outputs, computed once (`o_prune_problem`); no subset needs an expert run after that.
     """
+    return prune_plan(ctx, *o_prune_subset(ctx))
+
+
+def o_prune_subset(ctx: LayerContext) -> tuple[list[int], dict]:
+    """O-prune's K experts and how they were found (the plan's `extra`), without the plan: the methods that merge
+    into these survivors need only their ids, not a copy of K experts."""
     n, k_keep = ctx.experts.count, ctx.keep
     prob = o_prune_problem(ctx)
     exhaustive = math.comb(n, k_keep) <= O_PRUNE_EXHAUSTIVE
@@ -174,7 +180,7 @@ def o_prune(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
     rel = math.sqrt(max(loss, 0.0) / prob.ref) if prob.ref > 0 else 0.0
     log.debug("o-prune layer %d: kept %s (%s, rel. error %.4f)", ctx.layer, kept, info["search"], rel)
     extra = {"o_prune": {**info, "exhaustive": exhaustive, "tokens": prob.logits.shape[0], "rel_error": round(rel, 6)}}
-    return prune_plan(ctx, kept, extra)
+    return kept, extra
 
 
 # --------------------------------------------------------------------------------------------------- merging

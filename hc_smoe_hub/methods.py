@@ -14,7 +14,7 @@ import torch
 
 from hc_smoe_hub.baselines import DESCRIPTIONS as BASELINE_DESCRIPTIONS
 from hc_smoe_hub.baselines import METHODS as BASELINE_METHODS
-from hc_smoe_hub.baselines import o_prune
+from hc_smoe_hub.baselines import o_prune_subset
 from hc_smoe_hub.clustering import hierarchical_groups
 from hc_smoe_hub.fastpath import product_dtype
 from hc_smoe_hub.layer_plan import LayerContext, LayerPlan, MethodOptions, merge_groups
@@ -63,7 +63,7 @@ def anchored_o(ctx: LayerContext, opts: MethodOptions) -> LayerPlan:
 
 def o_prune_survivors(ctx: LayerContext, opts: MethodOptions) -> list[int]:
     """The K experts O-prune keeps."""
-    return [g[0] for g in o_prune(ctx, opts).groups]
+    return sorted(o_prune_subset(ctx)[0])
 
 
 def plan_error(ctx: LayerContext, plan: LayerPlan) -> float:
