@@ -9,9 +9,11 @@ Measured on the engine benchmark (benchmarks/RESULTS.md, engine section), three 
   mmaps each one pays its page faults again (about 11 ms per 32 MiB on the project's CPU, as long as a bf16
   matmul of it), which made up about a quarter of a default merge there. While a method runs, blocks under
   `METHOD_MMAP_THRESHOLD` come from the heap and are reused; afterwards the 1 MiB threshold is restored and the
-  freed heap is trimmed, so the layer's memory is handed back before the next layer (the growth with depth
-  stayed as before). Larger temporaries (real layer shapes) are mmaps either way, where their page faults weigh
-  little against their matmuls.
+  freed heap is trimmed, so the layer's memory is handed back before the next layer. Only for a small layer
+  (routed experts under `HEAP_REUSE_MAX_BYTES`): at real layer shapes the reused blocks are tens of MiB, their
+  fragments stayed resident and the heap grew layer by layer (a Mixtral-8x7B-shaped merge's per-layer peak rose
+  from 5.1 to 6.3 GiB over eight layers; without the reuse it stayed at 4.9-5.0 GiB and the merge was as fast,
+  benchmarks/RESULTS.md, real-shapes run 5), while page faults weigh little against their matmuls.
 - The CPU's bf16 matmuls run through oneDNN, and two caches keep up to 1024 compiled primitives each, one per
   distinct shape: oneDNN's own (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and PyTorch's ideep layer above it
   (`LRU_CACHE_CAPACITY`). The refits' token counts differ per group and layer, so both grew with depth (about
@@ -39,6 +41,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 LAYER_MMAP_THRESHOLD = 1 << 20
 DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's own default
 METHOD_MMAP_THRESHOLD = 64 << 20
+# A layer's routed experts: the engine benchmark's take 24 MiB, Qwen1.5-MoE-A2.7B's 1 GiB, Mixtral-8x7B's 2.6 GiB.
+HEAP_REUSE_MAX_BYTES = 256 << 20
 PRIMITIVE_CACHE_CAPACITY = "32"
 
 
@@ -71,11 +75,12 @@ def release_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def reusable_heap() -> Iterator[None]:
-    """Within the block, buffers under `METHOD_MMAP_THRESHOLD` are reused from the heap; on exit the 1 MiB
-    threshold is back and the freed heap is returned to the OS."""
+def reusable_heap(layer_experts_bytes: int) -> Iterator[None]:
+    """Within the block, for a layer whose routed experts take at most `HEAP_REUSE_MAX_BYTES`, buffers under
+    `METHOD_MMAP_THRESHOLD` are reused from the heap; on exit the 1 MiB threshold is back and the freed heap is
+    returned to the OS. For a larger layer nothing changes: every buffer of 1 MiB or more is an mmap."""
     libc = _libc()
-    if libc is None:
+    if libc is None or layer_experts_bytes > HEAP_REUSE_MAX_BYTES:
         yield
         return
     libc.mallopt(M_MMAP_THRESHOLD, METHOD_MMAP_THRESHOLD)

@@ -242,8 +242,10 @@ def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATIO
 
         P + L + (K / N) E + 2 x 12 I H + 4 I^2 + 5 x 4 T H + 6 x 8 x 2048 N^2 + 256 MiB + R
 
-    the layer as read, the merged experts awaiting their write (in the source dtype), the fp32 working set of one
-    merged expert and the member being aligned into it, the (I, I) neuron-correlation or least-squares system,
+    the layer as read, the merged experts awaiting their write (in the source dtype; the default's fix-dom merge
+    writes them into the source experts' rows, `merged_rows.py`, so for it this term is headroom), the fp32
+    working set of one merged expert and the member being aligned into it, the (I, I) neuron-correlation or
+    least-squares system,
     the fp32 hidden-state buffers, O-prune's fp64 Gram matrices with their scoring block and the survivor
     search's buffers, and R the refits' token-dependent working set (`refit_bytes`); P is the process itself
     (0.875 GiB). It does not depend on the depth. It is the default method's peak (the heaviest); `--paper` needs

@@ -322,7 +322,8 @@ class StreamingMerger:
         stats = collect(x, experts, router, routing, self.act, freq_top_k, sample_rows=sample)
         ctx = LayerContext(layer_idx, self.s.keep, x, experts, router, routing, self.act, stats,
                            experts_expendable=True)  # read by nothing after the method (below: shapes only)
-        with reusable_heap():  # the refits' temporaries reused, not page-faulted afresh (host_memory.py)
+        layer_bytes = sum(t.nbytes for t in experts.tensors())
+        with reusable_heap(layer_bytes):  # a small layer's temporaries reused, not page-faulted afresh (host_memory.py)
             plan = METHODS[self.s.options.method](ctx, self.s.options)
         self._check_plan(plan, experts, router)
         del ctx, experts  # the source experts are not needed any more: free them before the layer is finished

@@ -63,10 +63,40 @@ def test_reusable_heap_hands_its_buffers_back_on_exit_even_after_an_error():
     host_memory.release_freed_memory()
     mib = 1 << 20
     before = _rss()
-    with pytest.raises(RuntimeError), host_memory.reusable_heap():
+    with pytest.raises(RuntimeError), host_memory.reusable_heap(24 * mib):
         kept = [torch.ones(4 * mib) for _ in range(8)]  # 8 x 16 MiB from the heap, under the method threshold
         inside = _rss()
         del kept
         raise RuntimeError("a method failed")
     assert inside - before > 100 * mib
     assert _rss() - before < 16 * mib  # trimmed: the freed heap went back to the OS
+
+
+LARGE_AND_SMALL_LAYER = """
+import ctypes, torch
+from hc_smoe_hub import host_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+host_memory.release_freed_memory()
+for size in (host_memory.HEAP_REUSE_MAX_BYTES + 1, 24 << 20):
+    with host_memory.reusable_heap(size):
+        before = libc.mallinfo2().hblkhd
+        kept = torch.ones(4 << 20)  # 16 MiB
+        print(libc.mallinfo2().hblkhd - before)
+        del kept
+"""
+
+
+@pytest.mark.skipif(host_memory._libc() is None or not hasattr(host_memory._libc(), "mallinfo2"),
+                    reason="glibc 2.33+ only")
+def test_only_a_small_layer_reuses_the_heap():
+    """At real layer shapes the heap's fragments grew layer by layer: a large layer's 16 MiB temporaries are
+    mmaps (handed back when freed), a small layer's come from the heap (reused). In a fresh process: a heap that
+    already holds a free 16 MiB block serves it whatever the threshold."""
+    out = subprocess.run([sys.executable, "-c", LARGE_AND_SMALL_LAYER], capture_output=True, text=True, check=True)
+    large, small = (int(v) for v in out.stdout.split())
+    assert large >= 16 << 20
+    assert small < 1 << 20
