@@ -12,8 +12,9 @@ Measured on the engine benchmark (benchmarks/RESULTS.md, engine section), three 
   freed heap is trimmed, so the layer's memory is handed back before the next layer. Only for a small layer
   (routed experts under `HEAP_REUSE_MAX_BYTES`): at real layer shapes the reused blocks are tens of MiB, their
   fragments stayed resident and the heap grew layer by layer (a Mixtral-8x7B-shaped merge's per-layer peak rose
-  from 5.1 to 6.3 GiB over eight layers; without the reuse it stayed at 4.9-5.0 GiB and the merge was as fast,
-  benchmarks/RESULTS.md, real-shapes run 5), while page faults weigh little against their matmuls.
+  from 5.1 to 6.3 GiB over eight layers; without the reuse it stayed between 4.7 and 5.1 GiB, benchmarks/RESULTS.md,
+  real-shapes run 5), while page faults weigh less against their matmuls (the time per layer moved by 0-20%,
+  within what these shared machines vary).
 - The CPU's bf16 matmuls run through oneDNN, and two caches keep up to 1024 compiled primitives each, one per
   distinct shape: oneDNN's own (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and PyTorch's ideep layer above it
   (`LRU_CACHE_CAPACITY`). The refits' token counts differ per group and layer, so both grew with depth (about
