@@ -212,12 +212,16 @@ def main() -> None:
         record("engine", f"Command: `python benchmarks/engine.py --record`\n\n{report}\n")
 
 
-def record(section: str, body: str) -> None:
-    path = Path(__file__).with_name("RESULTS.md")
+def record(section: str, body: str, append: bool = False, path: Path | None = None) -> None:
+    """Write `body` as `section` of RESULTS.md, replacing what it held, or with `append` after the runs already
+    there (a series of runs, like real_shapes.py's, keeps its history)."""
+    path = path or Path(__file__).with_name("RESULTS.md")
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{start}\n{body}{end}"
-    if start in text:
+    if start in text and append:
+        text = text[: text.index(end)] + "\n" + body + text[text.index(end):]
+    elif start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"

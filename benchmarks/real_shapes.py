@@ -14,6 +14,7 @@ Run: python benchmarks/real_shapes.py [--record] [--shapes mixtral,qwen15,qwen3]
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import shutil
@@ -107,7 +108,7 @@ def merge_child(src: Path, out: Path, calib: Path, keep: int, options: dict, seq
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--record", action="store_true", help="append this run to its section of benchmarks/RESULTS.md")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--scale", type=int, default=1, help="divide every width by this (1: the real shapes)")
     ap.add_argument("--device", default="cpu")
@@ -165,7 +166,7 @@ def main() -> None:
         if CALIB != {"num_samples": 8, "seq_len": 512}:
             section += f"-{CALIB['num_samples']}x{CALIB['seq_len']}"
         command = " ".join(["python benchmarks/real_shapes.py", *sys.argv[1:]])
-        record(section, f"Command: `{command}`\n\n{report}\n")
+        record(section, f"Run of {datetime.date.today()}, command: `{command}`\n\n{report}\n", append=True)
 
 
 if __name__ == "__main__":
