@@ -245,11 +245,11 @@ def merge_peak_bytes(config: dict[str, Any], *, tokens: int = DEFAULT_CALIBRATIO
     the layer as read, the merged experts awaiting their write (in the source dtype; the default's fix-dom merge
     writes them into the source experts' rows, `merged_rows.py`, so for it this term is headroom), the fp32
     working set of one merged expert and the member being aligned into it, the (I, I) neuron-correlation or
-    least-squares system,
-    the fp32 hidden-state buffers, O-prune's fp64 Gram matrices with their scoring block and the survivor
-    search's buffers, and R the refits' token-dependent working set (`refit_bytes`); P is the process itself
-    (0.875 GiB). It does not depend on the depth. It bounds the default method and `--paper` (whose frequency merge
-    holds its merged experts beside the source ones). `keep` defaults to N (the worst case). Checked against benchmarks/real_shapes.py
+    least-squares system, the fp32 hidden-state buffers, O-prune's fp64 Gram matrices with their scoring block and
+    the survivor search's buffers, and R the refits' token-dependent working set (`refit_bytes`); P is the process
+    itself (0.875 GiB). It does not depend on the depth. It bounds the default method and `--paper` (whose
+    frequency merge holds its merged experts beside the source ones). `keep` defaults to N (the worst case).
+    Checked against benchmarks/real_shapes.py
     (benchmarks/RESULTS.md, real-shapes sections) at the Mixtral-8x7B, Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B layer
     shapes: above the measured peak of the default on a CPU at 8 x 512 tokens and on an H200 at 8 x 512 and at
     the default 32 x 2048 tokens (6-12% above there; the search term was fitted to the Qwen3 shape's GPU peak).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -109,4 +107,4 @@ def test_giving_up_the_experts_twice_is_refused():
     with pytest.raises(RuntimeError, match="still needed"):
         ctx.give_up_experts()
     with pytest.raises(RuntimeError, match="still needed"):
-        dataclasses.replace(context(source(False), expendable=False)).give_up_experts()
+        context(source(False), expendable=False).give_up_experts()
